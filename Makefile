@@ -1,0 +1,26 @@
+# Both targets build their own environment in .venv (python3 -m venv + pip); nothing else is needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := demo-output
+
+.PHONY: demo test venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,dali]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m shardtool.synth $(DEMO)/shapes --per-class 100
+	$(BIN)/shardtool pack $(DEMO)/shapes $(DEMO)/shards --split val=0.1,test=0.1 --stratify --resize shorter:96 --shard-size 128 --overwrite
+	$(BIN)/shardtool verify $(DEMO)/shards --decode
+
+test: venv
+	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,223 @@
+"""The shardtool command line: parse options, delegate to the library, render with rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shardtool import __version__
+from shardtool.config import CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
+from shardtool.errors import ShardtoolError
+
+err = Console(stderr=True)
+console = Console()
+
+
+class Command(click.Command):
+    """Prints ShardtoolError as one line (no traceback) and exits 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShardtoolError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err.print("interrupted: re-run the same command to resume")
+            sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="shardtool")
+def main() -> None:
+    """Pack image datasets into WebDataset shards with DALI indexes and a manifest."""
+
+
+def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    left, sep, right = value.partition("=")
+    if not sep or not left or not right:
+        raise click.BadParameter("use LEFT=RIGHT, e.g. product_id=id")
+    return left, right
+
+
+@main.command(cls=Command)
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "folder", "csv", "pixels"]), help="What SOURCE is.")
+@click.option("--images", type=click.Path(), help="CSV: folder the image column is relative to [CSV's folder].")
+@click.option("--image-col", help="CSV: column holding the image path or id.")
+@click.option("--image-suffix", default="", help="CSV: appended to the image column, e.g. .jpg.")
+@click.option("--label-col", help="CSV: column holding the label (in SOURCE or the --join CSV).")
+@click.option("--label-level", type=int, help="CSV: cut a 'A / B / C' label to its first N levels.")
+@click.option("--join", type=click.Path(), help="CSV: second CSV to join for the label and metadata.")
+@click.option("--join-on", callback=_join_on, help="CSV: LEFT=RIGHT join columns, e.g. product_id=id.")
+@click.option("--group-col", help="CSV: samples sharing this column share a split [join key or image].")
+@click.option("--split-col", help="CSV: column with a given split name per row.")
+@click.option("--numeric-col", "numeric_cols", multiple=True, default=("price",), show_default=True,
+              help="CSV: columns cleaned to numbers ('£1,250.00' -> 1250.0).")
+@click.option("--encoding", default="utf-8-sig", show_default=True, help="CSV text encoding.")
+@click.option("--shape", help="Pixel CSV: HxWxC when it cannot be inferred (784 -> 28x28x1, 3072 -> 32x32x3).")
+@click.option("--channel-order", default="interleaved", show_default=True,
+              type=click.Choice(["interleaved", "planar"]), help="Pixel CSV with 3 channels: RGBRGB.. or CIFAR's RR..GG..BB.")
+@click.option("--resize", default="none", show_default=True,
+              help="none | shorter:N | longer:N | fit:N (crop) | pad:N (black) | squash:N.")
+@click.option("--encode", default="auto", show_default=True, type=click.Choice(["auto", "jpg", "png"]),
+              help="Output encoding; auto: png for pixel CSVs, jpg otherwise.")
+@click.option("--quality", default=90, show_default=True, help="JPEG quality when re-encoding.")
+@click.option("--max-pixels", default=89_478_485, show_default=True, help="Skip images with more pixels (bombs).")
+@click.option("--split", "split_text", default="", help="Held-out splits when SOURCE has none, e.g. val=0.1,test=0.1.")
+@click.option("--stratify", is_flag=True, help="Give every class its share of each split.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split hash.")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard, at most.")
+@click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
+@click.option("--workers", default=os.cpu_count() or 1, show_default=True, help="Worker processes (0: in-process).")
+@click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
+@click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+def pack(source: str, out: str, fmt: str, images: str | None, image_col: str | None, image_suffix: str,
+         label_col: str | None, label_level: int | None, join: str | None, join_on: tuple[str, str] | None,
+         group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
+         shape: str | None, channel_order: str, resize: str, encode: str, quality: int, max_pixels: int,
+         split_text: str, stratify: bool, seed: int, shard_size: int, shard_bytes: int | None, workers: int,
+         max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
+    """Pack SOURCE (class folders, a CSV manifest or a pixel CSV) into shards in OUT."""
+    from shardtool.pack import pack as run_pack
+
+    csv = CsvOptions(image_col=image_col, label_col=label_col, images=images, image_suffix=image_suffix,
+                     join=join, join_on=join_on, label_level=label_level, group_col=group_col,
+                     split_col=split_col, numeric_cols=numeric_cols, encoding=encoding,
+                     shape=parse_shape(shape) if shape else None, channel_order=channel_order)
+    config = PackConfig(source=source, out=out, format=fmt, csv=csv, resize=parse_resize(resize), encode=encode,
+                        quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
+                        seed=seed, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
+                        max_skip_fraction=max_skip_fraction, overwrite=overwrite)
+    columns = [TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
+               TextColumn("written {task.fields[written]} skipped {task.fields[skipped]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("pack", total=None, written=0, skipped=0)
+
+        def update(p: Any) -> None:
+            if p.done % 64 == 0 or p.done == p.total:
+                bar.update(task, completed=p.done, total=p.total, written=p.written, skipped=p.skipped)
+
+        manifest = run_pack(config, update)
+    if as_json:
+        click.echo(json.dumps(manifest["report"] | {"splits": _split_summary(manifest)}, indent=1))
+    else:
+        render_pack(manifest, out)
+
+
+def _split_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {name: {k: s[k] for k in ("num_samples", "bytes")} | {"num_shards": len(s["shards"])}
+            for name, s in manifest["splits"].items()}
+
+
+@main.command(cls=Command)
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(out: str, as_json: bool) -> None:
+    """Summarise the dataset in OUT: splits, classes, normalisation, skips."""
+    from shardtool.manifest import load_manifest
+
+    manifest = load_manifest(out)
+    if as_json:
+        click.echo(json.dumps(manifest.data, indent=1, ensure_ascii=False))
+    else:
+        render_inspect(manifest.data)
+
+
+@main.command(cls=Command)
+@click.argument("out", type=click.Path())
+@click.option("--decode", is_flag=True, help="Also decode every image in full.")
+def verify(out: str, decode: bool) -> None:
+    """Re-hash the shards of OUT, check their .idx files and counts against the manifest."""
+    from shardtool.verify import verify_dataset
+
+    problems, checked = verify_dataset(out, decode=decode)
+    for problem in problems:
+        err.print(f"[red]FAIL[/red] {problem}", highlight=False)
+    if problems:
+        sys.exit(1)
+    console.print(f"OK: {checked['shards']} shards, {checked['samples']} samples"
+                           + (", every image decoded" if decode else ""))
+
+
+@main.command(cls=Command)
+@click.argument("data", type=click.Path())
+@click.option("--out", "grid", default="grid.png", show_default=True, type=click.Path(), help="PNG to write.")
+@click.option("--split", default=None, help="Split to sample from [train, or the first].")
+@click.option("-n", "count", default=25, show_default=True, help="Number of images.")
+@click.option("--seed", default=0, show_default=True)
+def show(data: str, grid: str, split: str | None, count: int, seed: int) -> None:
+    """Write a contact sheet of random samples of DATA with their labels."""
+    from shardtool.show import contact_sheet
+
+    written = contact_sheet(data, grid, split=split, count=count, seed=seed)
+    console.print(f"wrote {grid} ({written} images)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _splits_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title="splits")
+    for column in ("split", "samples", "shards", "size"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, f"{split['num_samples']:,}", str(len(split["shards"])), _mb(split["bytes"]))
+    return table
+
+
+def _skips_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"skipped {report['skipped']:,} of {report['seen']:,} inputs")
+    for column in ("reason", "count", "example"):
+        table.add_column(column)
+    for reason, entry in report["skips"].items():
+        example = entry["examples"][0]
+        table.add_row(reason, f"{entry['count']:,}", f"{example['source']}: {example['detail']}")
+    return table
+
+
+def render_pack(manifest: dict[str, Any], out: str) -> None:
+    report = manifest["report"]
+    console.print(_splits_table(manifest))
+    if report["skips"]:
+        console.print(_skips_table(report))
+    if report["ignored"]["count"]:
+        names = ", ".join(e["path"] for e in report["ignored"]["examples"])
+        console.print(f"ignored {report['ignored']['count']} files outside class folders: {names}", highlight=False)
+    norm = manifest["normalization"]
+    console.print(f"{report['written']:,} samples in {len(manifest['classes'])} classes written to {out}; "
+                  f"mean {norm.get('mean')} std {norm.get('std')}", highlight=False)
+
+
+def render_inspect(manifest: dict[str, Any]) -> None:
+    console.print(f"{manifest['created_by']} from {manifest['source']['path']} ({manifest['source']['format']})",
+                  highlight=False)
+    console.print(_splits_table(manifest))
+    splits = list(manifest["splits"])
+    table = Table(title=f"{len(manifest['classes'])} classes")
+    table.add_column("index", justify="right")
+    table.add_column("class")
+    for name in splits:
+        table.add_column(name, justify="right")
+    for entry in manifest["classes"]:
+        counts = [f"{manifest['splits'][s]['class_counts'][entry['index']]:,}" for s in splits]
+        table.add_row(str(entry["index"]), entry["name"], *counts)
+    console.print(table)
+    if manifest["report"]["skips"]:
+        console.print(_skips_table(manifest["report"]))
+    norm = manifest["normalization"]
+    console.print(f"normalisation from {', '.join(norm['from'])}: mean {norm.get('mean')} std {norm.get('std')}",
+                  highlight=False)

@@ -1,0 +1,138 @@
+"""Pack options as frozen dataclasses. `validate()` raises ConfigError with a one-line fix."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardtool.errors import ConfigError
+
+RESIZE_MODES = ("none", "shorter", "longer", "fit", "pad", "squash")
+FORMATS = ("auto", "folder", "csv", "pixels")
+ENCODINGS = ("auto", "jpg", "png")
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How images are resized: `none`, or a mode with a target size N (see parse_resize)."""
+
+    mode: str = "none"
+    size: int = 0
+
+    def __str__(self) -> str:
+        return self.mode if self.mode == "none" else f"{self.mode}:{self.size}"
+
+
+def parse_resize(text: str) -> Resize:
+    mode, _, size = text.strip().lower().partition(":")
+    if mode == "none" and not size:
+        return Resize()
+    if mode not in RESIZE_MODES or mode == "none" or not size.isdigit() or int(size) < 1:
+        raise ConfigError(
+            f"--resize {text!r} is not valid: use none or MODE:N with MODE one of "
+            f"{', '.join(RESIZE_MODES[1:])} (e.g. shorter:256)"
+        )
+    return Resize(mode, int(size))
+
+
+def parse_split(text: str) -> dict[str, float]:
+    """'val=0.1,test=0.1' -> {'val': 0.1, 'test': 0.1}; train gets the rest."""
+    fractions: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "train" or not 0 < fraction < 1:
+            raise ConfigError(f"--split {text!r} is not valid: use NAME=FRACTION pairs like val=0.1,test=0.1")
+        fractions[name] = fraction
+    if sum(fractions.values()) >= 1:
+        raise ConfigError(f"--split {text!r} leaves nothing for train: the fractions must sum to less than 1")
+    return fractions
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)(?:x([134]))?", text.strip().lower())
+    if not match:
+        raise ConfigError(f"--shape {text!r} is not valid: use HxWxC, e.g. 28x28x1 or 32x32x3")
+    h, w, c = match.groups()
+    return int(h), int(w), int(c or 1)
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How a CSV manifest or pixel CSV is read."""
+
+    image_col: str | None = None
+    label_col: str | None = None
+    images: str | None = None
+    image_suffix: str = ""
+    join: str | None = None
+    join_on: tuple[str, str] | None = None
+    label_level: int | None = None
+    group_col: str | None = None
+    split_col: str | None = None
+    numeric_cols: tuple[str, ...] = ("price",)
+    encoding: str = "utf-8-sig"
+    shape: tuple[int, int, int] | None = None
+    channel_order: str = "interleaved"
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    source: str
+    out: str
+    format: str = "auto"
+    csv: CsvOptions = field(default_factory=CsvOptions)
+    resize: Resize = field(default_factory=Resize)
+    encode: str = "auto"
+    quality: int = 90
+    max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+    split: dict[str, float] = field(default_factory=dict)
+    stratify: bool = False
+    seed: int = 0
+    shard_size: int = 1000
+    shard_bytes: int | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_skip_fraction: float = 0.01
+    overwrite: bool = False
+
+    def validate(self) -> PackConfig:
+        if not Path(self.source).exists():
+            raise ConfigError(f"SOURCE {self.source} does not exist")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.encode not in ENCODINGS:
+            raise ConfigError(f"--encode {self.encode!r} is not one of {', '.join(ENCODINGS)}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality {self.quality} must be between 1 and 100")
+        if self.shard_size < 1 or (self.shard_bytes is not None and self.shard_bytes < 1):
+            raise ConfigError("--shard-size and --shard-bytes must be positive")
+        if self.workers < 0:
+            raise ConfigError("--workers must be 0 (in-process) or more")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ConfigError("--max-skip-fraction must be between 0 and 1")
+        if self.csv.channel_order not in ("interleaved", "planar"):
+            raise ConfigError("--channel-order must be interleaved or planar")
+        if self.csv.images is not None and not Path(self.csv.images).is_dir():
+            raise ConfigError(f"--images {self.csv.images} is not a folder")
+        if self.csv.join is not None and not Path(self.csv.join).is_file():
+            raise ConfigError(f"--join {self.csv.join} does not exist")
+        if (self.csv.join is None) != (self.csv.join_on is None):
+            raise ConfigError("--join and --join-on go together, e.g. --join Products.csv --join-on product_id=id")
+        if self.csv.label_level is not None and self.csv.label_level < 1:
+            raise ConfigError("--label-level counts from 1 (the top of the category path)")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the shard bytes: a re-run with the same identity resumes, another is refused."""
+        options = asdict(self)
+        for volatile in ("out", "workers", "max_skip_fraction", "overwrite"):
+            options.pop(volatile)
+        options["source"] = str(Path(self.source).resolve())
+        options["resize"] = str(self.resize)
+        return options

@@ -1,0 +1,161 @@
+"""`pack`: readers -> Sample -> processor -> Sample | Skip -> sinks (shards, .idx) -> manifest, last.
+
+    items = open_reader(config)                  # Sample | Skip, stable order, no bytes decoded
+    items = assign_splits(items, splitter)       # every item knows its split
+    items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
+    items = ordered_map(process_batch, items)    # worker processes: decode, RGB, resize, encode
+    for item in items: sinks[item.split].add(item)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import PIL
+
+from shardtool import __version__
+from shardtool.config import PackConfig
+from shardtool.errors import ConfigError, PackError
+from shardtool.journal import STATE_DIR, Journal
+from shardtool.manifest import NAME as MANIFEST, build_manifest, write_json_atomic
+from shardtool.parallel import ordered_map
+from shardtool.process.pil import OutputSpec, process_batch
+from shardtool.readers import Reader, open_reader
+from shardtool.sample import Sample, Skip
+from shardtool.sink import SplitSink
+from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
+
+_OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx)(\.tmp)?)(\.tmp)?")
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    written: int
+    skipped: int
+
+
+@dataclass
+class Scan:
+    labels: set[str]
+    total: int
+    groups_by_label: dict[str, set[float]]
+
+
+def scan(reader: Reader, seed: int, stratify: bool) -> Scan:
+    """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying."""
+    labels: set[str] = set()
+    groups: dict[str, set[float]] = {}
+    total = 0
+    for item in reader:
+        total += 1
+        if isinstance(item, Sample):
+            labels.add(item.label)
+            if stratify:
+                groups.setdefault(item.label, set()).add(unit_hash(item.group, seed))
+    return Scan(labels, total, groups)
+
+
+def class_entries(labels: set[str], label_sep: str | None) -> list[dict[str, Any]]:
+    """Class index = sorted names (numerically when every name is an integer), stable across runs."""
+    numeric = all(label.isdigit() for label in labels)
+    names = sorted(labels, key=lambda name: (int(name), name) if numeric else (0, name))
+    entries = []
+    for index, name in enumerate(names):
+        entry: dict[str, Any] = {"index": index, "name": name}
+        if label_sep and label_sep in name:
+            entry["levels"] = name.split(label_sep)
+        entries.append(entry)
+    return entries
+
+
+def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
+    """Refuse an OUT that holds something else; clear it on --overwrite; resume a matching run."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT {out} is a file; pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in out.iterdir() if _OURS.fullmatch(p.name)]
+    foreign = [p for p in out.iterdir() if not _OURS.fullmatch(p.name)]
+    journal = Journal(out)
+    previous = journal.identity()
+    if ours and (config.overwrite or previous != identity):
+        if not config.overwrite:
+            raise ConfigError(f"OUT {out} already holds a different dataset (other source or options); "
+                              "pass --overwrite to replace it, or choose another OUT")
+        for path in ours:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        journal = Journal(out)
+    if foreign and not ours:
+        raise ConfigError(f"OUT {out} is not empty and is not a shardtool output ({foreign[0].name}, ...); "
+                          "choose an empty or new folder")
+    journal.start(identity)
+    return journal
+
+
+def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Pack config.source into shards in config.out; returns the manifest (also written as dataset.json)."""
+    config.validate()
+    fmt, reader = open_reader(config)
+    encode = config.encode if config.encode != "auto" else ("png" if fmt == "pixels" else "jpg")
+    identity = {**config.identity(), "format": fmt, "encode": encode, "pillow": PIL.__version__,
+                "shardtool": __version__}
+    if reader.given_splits and config.split:
+        raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
+    found = scan(reader, config.seed, config.stratify and not reader.given_splits)
+    if not found.labels:
+        raise ConfigError(f"{config.source} holds no labelled images")
+    classes = class_entries(found.labels, reader.label_sep)
+    journal = prepare_out(config, identity)
+    splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
+    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels)
+    done = journal.consumed()
+    sinks: dict[str, SplitSink] = {}
+    index = {entry["name"]: entry["index"] for entry in classes}
+    counts = Progress(sum(done.values()), found.total, 0, 0)
+
+    items = assign_splits(reader, splitter)
+    items = skip_done(items, done)
+    for item in ordered_map(partial(process_batch, spec=spec), items, config.workers):
+        split = item.split or "train"
+        if split not in sinks:
+            sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
+        sinks[split].add(item)
+        counts.done += 1
+        counts.skipped += isinstance(item, Skip)
+        counts.written += isinstance(item, Sample)
+        if progress:
+            progress(counts)
+    for sink in sinks.values():
+        sink.close()
+    return finish(config, journal, classes, {"path": config.source, "format": fmt}, identity, reader.ignored)
+
+
+def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], source: dict[str, Any],
+           options: dict[str, Any], ignored: list[dict[str, str]]) -> dict[str, Any]:
+    """rejects.jsonl, the skip ceiling, then dataset.json last."""
+    out = Path(config.out)
+    with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
+        for record in journal.records:
+            for skip in record["skips"]:
+                file.write(json.dumps({"split": record["split"], **skip}, ensure_ascii=False) + "\n")
+    (out / "rejects.jsonl.tmp").replace(out / "rejects.jsonl")
+    manifest = build_manifest(journal.records, classes, source, options, ignored, __version__)
+    report = manifest["report"]
+    if report["seen"] and report["skipped"] > config.max_skip_fraction * report["seen"]:
+        top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items())
+        raise PackError(f"{report['skipped']} of {report['seen']} inputs were skipped ({top}), over "
+                        f"--max-skip-fraction {config.max_skip_fraction}: see {out / 'rejects.jsonl'}; "
+                        "re-run with a higher --max-skip-fraction to accept (written shards are kept)")
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,115 @@
+"""The PIL processor: Sample (encoded or raw bytes) -> Sample (output encoding) | Skip.
+
+Every image is decoded in full once, so no later decoder meets a corrupt one. An input that is
+already what we would write (same format, RGB, upright, right size) is copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, ImageStat
+
+from shardtool.config import Resize
+from shardtool.process.checks import load_bytes, open_image
+from shardtool.process.geometry import Plan, plan
+from shardtool.sample import Item, Sample, Skip
+
+Image.MAX_IMAGE_PIXELS = None  # open_image applies our own --max-pixels before any decode
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    resize: Resize
+    encode: str  # "jpg" or "png"
+    quality: int
+    max_pixels: int
+
+
+def process(item: Item, spec: OutputSpec) -> Item:
+    if isinstance(item, Skip):
+        return item
+    data = load_bytes(item)
+    if isinstance(data, Skip):
+        return data
+    if item.raw_shape is not None:
+        image, source_format = Image.fromarray(_raw_array(data, item.raw_shape)), None
+    else:
+        opened = open_image(item, data, spec.max_pixels)
+        if isinstance(opened, Skip):
+            return opened
+        image, source_format = opened, opened.format
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return Skip("corrupt_image", item.key, item.source, f"decode: {error}", item.group, item.split)
+    upright = _orientation(image) in (None, 1)
+    rgb = to_rgb(ImageOps.exif_transpose(image) if not upright else image)
+    geometry = plan(*rgb.size, spec.resize)
+    out = rgb if geometry.identity else apply(rgb, geometry)
+    keep = (source_format in ("JPEG", "MPO") and spec.encode == "jpg" or source_format == "PNG" and spec.encode == "png")
+    if keep and upright and image.mode == "RGB" and geometry.identity and not _has_alpha(image):
+        encoded = data
+    else:
+        encoded = encode(out, spec)
+    stat = ImageStat.Stat(out)
+    meta = {**item.meta, "width": out.width, "height": out.height}
+    return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,
+                      stats=(tuple(stat.sum), tuple(stat.sum2), out.width * out.height))
+
+
+def process_batch(items: list[Item], spec: OutputSpec) -> list[Item]:
+    return [process(item, spec) for item in items]
+
+
+def _raw_array(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    array = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return array[:, :, 0] if shape[2] == 1 else array
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except (OSError, SyntaxError, ValueError):  # a broken EXIF block is not a broken image
+        return None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB: 16-bit scaled to 8, alpha composited on white, CMYK and palettes converted."""
+    if image.mode in _SIXTEEN_BIT:
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 or image.mode != "I" else 255.0
+        image = Image.fromarray(np.clip(np.rint(array * 255.0 / peak), 0, 255).astype(np.uint8))
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def apply(image: Image.Image, geometry: Plan) -> Image.Image:
+    scaled = image if geometry.scaled == image.size else image.resize(geometry.scaled, Image.Resampling.BILINEAR)
+    if geometry.canvas == geometry.scaled and geometry.offset == (0, 0):
+        return scaled
+    canvas = Image.new("RGB", geometry.canvas, (0, 0, 0))
+    canvas.paste(scaled, geometry.offset)
+    return canvas
+
+
+def encode(image: Image.Image, spec: OutputSpec) -> bytes:
+    buffer = io.BytesIO()
+    if spec.encode == "jpg":
+        image.save(buffer, "JPEG", quality=spec.quality)
+    else:
+        image.save(buffer, "PNG", compress_level=6)
+    return buffer.getvalue()

@@ -1,0 +1,28 @@
+"""What every reader shares: keys, paths shown to users, and the image extensions we accept."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_KEY = 80  # keeps tar member names under ustar's 100-byte limit
+
+
+def make_key(text: str) -> str:
+    """A webdataset key for `text`: no dots or slashes, ASCII, stable across runs.
+
+    Texts that are already safe are kept as they are (CSV ids, BSON ids); any other text is
+    sanitised and given a short hash of the original, so two different inputs never share a key.
+    """
+    if _UNSAFE.search(text) is None and 0 < len(text) <= MAX_KEY:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    return f"{_UNSAFE.sub('_', text).strip('_')[: MAX_KEY - 9]}_{digest}"
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as text that is always printable and JSON-safe, even with undecodable bytes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -1,0 +1,49 @@
+"""The records that flow through `pack`: a Sample per image, a Skip per rejected input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image on its way to a shard.
+
+    Readers fill `data` (the encoded bytes, or raw uint8 pixels when `raw_shape` is set) or `path`
+    (read later, in a worker); they never decode. The processor returns a copy with `data` holding
+    the output encoding, `ext` its extension and `stats` the per-channel pixel sums.
+    """
+
+    key: str
+    label: str
+    group: str
+    source: str
+    data: bytes | None = None
+    path: str | None = None
+    raw_shape: tuple[int, int, int] | None = None
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    ext: str | None = None
+    stats: tuple[tuple[float, ...], tuple[float, ...], int] | None = None  # sum, sum of squares, pixels
+
+    def with_(self, **changes: Any) -> Sample:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An input that was not packed, and why. Counted in the report, listed in rejects.jsonl."""
+
+    reason: str
+    key: str
+    source: str
+    detail: str = ""
+    group: str = ""
+    split: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "key": self.key, "source": self.source, "detail": self.detail}
+
+
+Item = Sample | Skip

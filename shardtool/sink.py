@@ -1,0 +1,103 @@
+"""Shard writing, one SplitSink per split: tmp file -> os.replace, its .idx, then a journal line.
+
+A shard exists for a later run only once its journal line is written; a re-run with the same
+command skips the inputs those lines account for and continues with the next shard index, so the
+result is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from shardtool.journal import Journal
+from shardtool.sample import Item, Sample, Skip
+from shardtool.tario import TarShard
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+class SplitSink:
+    """Writes the samples of one split, in arrival order, into shards of bounded count and size."""
+
+    def __init__(self, out: Path, split: str, classes: dict[str, int], journal: Journal,
+                 shard_size: int, shard_bytes: int | None) -> None:
+        self.out, self.split, self.classes, self.journal = out, split, classes, journal
+        self.shard_size, self.shard_bytes = shard_size, shard_bytes
+        self.next_index, self.consumed = journal.resume_point(split)
+        self._shard: TarShard | None = None
+        self._file: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._count = 0
+        self._skips: list[dict[str, str]] = []
+        self._class_counts: dict[int, int] = {}
+        self._sum, self._sum2, self._pixels = [0.0] * 3, [0.0] * 3, 0
+
+    def add(self, item: Item) -> None:
+        if isinstance(item, Skip):
+            self._skips.append(item.as_dict())
+            self.consumed += 1
+            return
+        members = self._members(item)
+        size = sum(len(data) + 1024 for _, data in members)
+        if self._shard is not None and self.shard_bytes and self._shard.bytes_written + size > self.shard_bytes:
+            self._finish()
+        self._write(item, members)
+        self.consumed += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def _members(self, sample: Sample) -> list[tuple[str, bytes]]:
+        index = self.classes[sample.label]
+        info = {"key": sample.key, "label": sample.label, "class": index, "group": sample.group,
+                "source": sample.source, **sample.meta}
+        return [(sample.ext or "jpg", sample.data or b""), ("cls", str(index).encode()),
+                ("json", json.dumps(info, ensure_ascii=False, sort_keys=True).encode())]
+
+    def _write(self, sample: Sample, members: list[tuple[str, bytes]]) -> None:
+        if self._shard is None:
+            self._file = open(self._path(".tar.tmp"), "wb")
+            self._shard = TarShard(self._file)
+        self._shard.add_sample(sample.key, members)
+        self._count += 1
+        index = self.classes[sample.label]
+        self._class_counts[index] = self._class_counts.get(index, 0) + 1
+        if sample.stats is not None:
+            total, squares, pixels = sample.stats
+            self._sum = [a + b for a, b in zip(self._sum, total)]
+            self._sum2 = [a + b for a, b in zip(self._sum2, squares)]
+            self._pixels += pixels
+
+    def _path(self, suffix: str) -> Path:
+        return self.out / (shard_name(self.split, self.next_index) + suffix)
+
+    def _finish(self) -> None:
+        """Close the open shard (if any) and journal it with the skips since the last record."""
+        record: dict[str, Any] = {"split": self.split, "consumed": self.consumed, "skips": self._skips}
+        if self._shard is not None:
+            size, sha256 = self._shard.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            index_tmp = self._path(".idx.tmp")
+            index_tmp.write_text(self._shard.index_text())
+            os.replace(index_tmp, self._path(".idx"))
+            os.replace(self._path(".tar.tmp"), self._path(".tar"))
+            record.update(shard=shard_name(self.split, self.next_index), index=self.next_index,
+                          num_samples=self._count, bytes=size, sha256=sha256,
+                          class_counts={str(k): v for k, v in sorted(self._class_counts.items())},
+                          stats={"sum": self._sum, "sum2": self._sum2, "pixels": self._pixels})
+            self.next_index += 1
+            self._shard = None
+        if "shard" in record or self._skips:
+            self.journal.append(record)
+        self._reset()
+
+    def close(self) -> None:
+        self._finish()

@@ -1,0 +1,69 @@
+"""Deterministic split assignment by hashing the group key (product id, or the file itself).
+
+Every sample of a group lands in the same split. Stratified: within each class, groups are ranked
+by their hash and the first round(n * fraction) go to each named split, so every class gets its share.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import replace
+from collections.abc import Iterable, Iterator
+
+from shardtool.sample import Item
+
+
+def unit_hash(group: str, seed: int) -> float:
+    digest = hashlib.blake2b(f"{seed}:{group}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class Splitter:
+    """Maps (group, label) to a split name; `fractions` names the held-out splits, train is the rest."""
+
+    def __init__(self, fractions: dict[str, float], seed: int, stratify_groups: dict[str, set[float]] | None = None):
+        self.names = [*fractions, "train"]
+        self.seed = seed
+        bounds, total = [], 0.0
+        for fraction in fractions.values():
+            total += fraction
+            bounds.append(total)
+        self.bounds = bounds
+        self.class_bounds = {label: self._ranked_bounds(sorted(hashes), list(fractions.values()))
+                             for label, hashes in (stratify_groups or {}).items()}
+
+    @staticmethod
+    def _ranked_bounds(hashes: list[float], fractions: list[float]) -> list[float]:
+        bounds, taken = [], 0
+        for fraction in fractions:
+            taken += round(len(hashes) * fraction)
+            bounds.append(hashes[taken] if taken < len(hashes) else 1.0)
+        return bounds
+
+    def __call__(self, group: str, label: str) -> str:
+        bounds = self.class_bounds.get(label, self.bounds)
+        return self.names[bisect.bisect_right(bounds, unit_hash(group, self.seed))]
+
+
+def assign_splits(items: Iterable[Item], splitter: Splitter | None) -> Iterator[Item]:
+    """Give every item its split: kept when the source had one, hashed otherwise."""
+    for item in items:
+        if item.split is None:
+            label = getattr(item, "label", "")
+            item = _with_split(item, splitter(item.group or item.key, label) if splitter else "train")
+        yield item
+
+
+def _with_split(item: Item, split: str) -> Item:
+    return replace(item, split=split)
+
+
+def skip_done(items: Iterable[Item], done: dict[str, int]) -> Iterator[Item]:
+    """Drop the first done[split] items of each split: a resumed run has shards for them already."""
+    seen: dict[str, int] = {}
+    for item in items:
+        split = item.split or "train"
+        seen[split] = seen.get(split, 0) + 1
+        if seen[split] > done.get(split, 0):
+            yield item

@@ -1,0 +1,87 @@
+"""`shardtool verify`: every shard the manifest lists is there, unchanged, indexed right, and decodes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from shardtool.manifest import load_manifest
+from shardtool.tario import IDX_VERSION
+
+
+def read_index(text: str) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI .idx: per sample, its (ext, offset, size, name) members."""
+    lines = text.splitlines()
+    version, count = lines[0].split()
+    if version != IDX_VERSION or int(count) != len(lines) - 1:
+        raise ValueError(f"header {lines[0]!r} does not match {len(lines) - 1} sample lines")
+    samples = []
+    for line in lines[1:]:
+        parts = line.split()
+        samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)])
+    return samples
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_shard(folder: Path, shard: dict[str, Any], decode: bool) -> list[str]:
+    path, problems = folder / shard["name"], []
+    if not path.is_file():
+        return [f"{shard['name']}: missing"]
+    if _sha256(path) != shard["sha256"]:
+        problems.append(f"{shard['name']}: sha256 differs from the manifest (changed or corrupt)")
+    try:
+        index = read_index((folder / shard["index"]).read_text())
+    except (OSError, ValueError, IndexError) as error:
+        return problems + [f"{shard['index']}: unreadable ({error})"]
+    classes: Counter[str] = Counter()
+    with tarfile.open(path) as tar:
+        members = [m for m in tar if m.isfile()]
+        indexed = [entry for sample in index for entry in sample]
+        if [(m.offset_data, m.size, m.name) for m in members] != [(o, s, n) for _, o, s, n in indexed]:
+            problems.append(f"{shard['index']}: offsets or names do not match {shard['name']}")
+        for member in members:
+            name, _, ext = member.name.partition(".")
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if ext == "cls":
+                classes[data.decode().strip()] += 1
+            elif decode and ext in ("jpg", "png") and (problem := _decode(data)):
+                problems.append(f"{shard['name']}: {member.name} does not decode ({problem})")
+    if len(index) != shard["num_samples"]:
+        problems.append(f"{shard['name']}: {len(index)} samples, manifest says {shard['num_samples']}")
+    if dict(classes) != shard["class_counts"]:
+        problems.append(f"{shard['name']}: class counts differ from the manifest")
+    return problems
+
+
+def _decode(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def verify_dataset(out: str, decode: bool = False) -> tuple[list[str], dict[str, int]]:
+    """(problems found, what was checked). No problems means the dataset is whole."""
+    manifest = load_manifest(out)
+    problems, shards, samples = [], 0, 0
+    for split in manifest.splits:
+        for shard in manifest.shards(split):
+            problems += check_shard(Path(out), shard, decode)
+            shards += 1
+            samples += shard["num_samples"]
+    return problems, {"shards": shards, "samples": samples}
