@@ -1,0 +1,44 @@
+"""Shared fixtures: the real datasets (skipped when absent), a generated shapes dataset, the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from shardtool.cli import main
+from shardtool.synth import make_shapes
+
+
+def real_data_root() -> Path | None:
+    root = os.environ.get("SHARDTOOL_REAL_DATA")
+    if root and Path(root).is_dir():
+        return Path(root)
+    return None
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """../shared/data (via SHARDTOOL_REAL_DATA); the test is skipped when it is not there."""
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated class-folder dataset: 4 classes x 12 JPEGs of 64x64."""
+    return make_shapes(tmp_path_factory.mktemp("shapes") / "shapes", per_class=12, size=64)
+
+
+def run_cli(*args: str | os.PathLike[str]) -> Result:
+    """Run `shardtool ARGS...` in-process; returns click's Result (exit_code, output, exception)."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
