@@ -134,5 +134,8 @@ class PackConfig:
         for volatile in ("out", "workers", "max_skip_fraction", "overwrite"):
             options.pop(volatile)
         options["source"] = str(Path(self.source).resolve())
+        for name in ("images", "join"):
+            if options["csv"][name]:
+                options["csv"][name] = str(Path(options["csv"][name]).resolve())
         options["resize"] = str(self.resize)
         return options
