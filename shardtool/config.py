@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -138,4 +139,4 @@ class PackConfig:
             if options["csv"][name]:
                 options["csv"][name] = str(Path(options["csv"][name]).resolve())
         options["resize"] = str(self.resize)
-        return options
+        return json.loads(json.dumps(options))  # as run.json holds it (tuples -> lists), so a re-run compares equal
