@@ -58,6 +58,8 @@ def process(item: Item, spec: OutputSpec) -> Item:
         encoded = data
     else:
         encoded = encode(out, spec)
+        if spec.encode == "jpg":  # lossy: the stats describe what a reader decodes, not the pixels before
+            out = Image.open(io.BytesIO(encoded))
     stat = ImageStat.Stat(out)
     meta = {**item.meta, "width": out.width, "height": out.height}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,
