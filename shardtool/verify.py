@@ -47,7 +47,22 @@ def check_shard(folder: Path, shard: dict[str, Any], decode: bool) -> list[str]:
     except (OSError, ValueError, IndexError) as error:
         return problems + [f"{shard['index']}: unreadable ({error})"]
     classes: Counter[str] = Counter()
-    with tarfile.open(path) as tar:
+    try:
+        problems += _check_members(path, shard, index, decode, classes)
+    except tarfile.TarError as error:  # a damaged header or a cut-off shard
+        return problems + [f"{shard['name']}: not a readable tar ({error})"]
+    if len(index) != shard["num_samples"]:
+        problems.append(f"{shard['name']}: {len(index)} samples, manifest says {shard['num_samples']}")
+    if dict(classes) != shard["class_counts"]:
+        problems.append(f"{shard['name']}: class counts differ from the manifest")
+    return problems
+
+
+def _check_members(path: Path, shard: dict[str, Any], index: list[list[tuple[str, int, int, str]]], decode: bool,
+                   classes: Counter[str]) -> list[str]:
+    """Members against the .idx, images decoded (with `decode`), labels counted into `classes`."""
+    problems = []
+    with tarfile.open(path, "r:") as tar:  # shards are never compressed
         members = [m for m in tar if m.isfile()]
         indexed = [entry for sample in index for entry in sample]
         if [(m.offset_data, m.size, m.name) for m in members] != [(o, s, n) for _, o, s, n in indexed]:
@@ -56,13 +71,9 @@ def check_shard(folder: Path, shard: dict[str, Any], decode: bool) -> list[str]:
             name, _, ext = member.name.partition(".")
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
             if ext == "cls":
-                classes[data.decode().strip()] += 1
+                classes[data.decode(errors="replace").strip()] += 1
             elif decode and ext in ("jpg", "png") and (problem := _decode(data)):
                 problems.append(f"{shard['name']}: {member.name} does not decode ({problem})")
-    if len(index) != shard["num_samples"]:
-        problems.append(f"{shard['name']}: {len(index)} samples, manifest says {shard['num_samples']}")
-    if dict(classes) != shard["class_counts"]:
-        problems.append(f"{shard['name']}: class counts differ from the manifest")
     return problems
 
 
