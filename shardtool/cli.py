@@ -145,11 +145,11 @@ def verify(out: str, decode: bool) -> None:
 
     problems, checked = verify_dataset(out, decode=decode)
     for problem in problems:
-        err.print(f"[red]FAIL[/red] {problem}", highlight=False)
+        err.print(f"[red]FAIL[/red] {problem}", highlight=False, soft_wrap=True)
     if problems:
         sys.exit(1)
     console.print(f"OK: {checked['shards']} shards, {checked['samples']} samples"
-                           + (", every image decoded" if decode else ""))
+                  + (", every image decoded" if decode else ""), soft_wrap=True)
 
 
 @main.command(cls=Command)
@@ -163,7 +163,7 @@ def show(data: str, grid: str, split: str | None, count: int, seed: int) -> None
     from shardtool.show import contact_sheet
 
     written = contact_sheet(data, grid, split=split, count=count, seed=seed)
-    console.print(f"wrote {grid} ({written} images)")
+    console.print(f"wrote {grid} ({written} images)", highlight=False, soft_wrap=True)
 
 
 def _mb(n: int) -> str:
