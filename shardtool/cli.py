@@ -196,7 +196,8 @@ def render_pack(manifest: dict[str, Any], out: str) -> None:
         console.print(_skips_table(report))
     if report["ignored"]["count"]:
         names = ", ".join(e["path"] for e in report["ignored"]["examples"])
-        console.print(f"ignored {report['ignored']['count']} files outside class folders: {names}", highlight=False)
+        console.print(f"ignored {report['ignored']['count']} files that are not samples "
+                      f"(outside class folders, or hidden): {names}", highlight=False)
     norm = manifest["normalization"]
     console.print(f"{report['written']:,} samples in {len(manifest['classes'])} classes written to {out}; "
                   f"mean {norm.get('mean')} std {norm.get('std')}", highlight=False)
