@@ -46,7 +46,8 @@ def journaled_shards(out: Path) -> list[str]:
     """Shards a killed run had finished and journaled: a resumed run must keep them, not redo them."""
     journal = out / ".shardtool" / "journal.jsonl"
     lines = journal.read_bytes().split(b"\n")[:-1] if journal.exists() else []  # a cut last line is not kept
-    return [json.loads(line)["shard"] + ".tar" for line in lines if b'"shard"' in line]
+    records = [json.loads(line) for line in lines]
+    return [record["shard"] + ".tar" for record in records if "shard" in record]
 
 
 def kill_after_shards(cmd: list[str], out: Path, shards: int) -> int:
