@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -16,8 +17,8 @@ from shardtool import __version__
 from shardtool.config import CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
 from shardtool.errors import ShardtoolError
 
-err = Console(stderr=True)
-console = Console()
+err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
+console = Console(soft_wrap=True, highlight=False)
 
 
 class Command(click.Command):
@@ -27,7 +28,7 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except ShardtoolError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(error))}")
             sys.exit(2)
         except KeyboardInterrupt:
             err.print("interrupted: re-run the same command to resume")
@@ -145,11 +146,11 @@ def verify(out: str, decode: bool) -> None:
 
     problems, checked = verify_dataset(out, decode=decode)
     for problem in problems:
-        err.print(f"[red]FAIL[/red] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"[red]FAIL[/red] {escape(problem)}")
     if problems:
         sys.exit(1)
     console.print(f"OK: {checked['shards']} shards, {checked['samples']} samples"
-                  + (", every image decoded" if decode else ""), soft_wrap=True)
+                  + (", every image decoded" if decode else ""))
 
 
 @main.command(cls=Command)
@@ -163,7 +164,7 @@ def show(data: str, grid: str, split: str | None, count: int, seed: int) -> None
     from shardtool.show import contact_sheet
 
     written = contact_sheet(data, grid, split=split, count=count, seed=seed)
-    console.print(f"wrote {grid} ({written} images)", highlight=False, soft_wrap=True)
+    console.print(f"wrote {grid} ({written} images)", markup=False)
 
 
 def _mb(n: int) -> str:
@@ -197,15 +198,15 @@ def render_pack(manifest: dict[str, Any], out: str) -> None:
     if report["ignored"]["count"]:
         names = ", ".join(e["path"] for e in report["ignored"]["examples"])
         console.print(f"ignored {report['ignored']['count']} files that are not samples "
-                      f"(outside class folders, or hidden): {names}", highlight=False)
+                      f"(outside class folders, or hidden): {names}", markup=False)
     norm = manifest["normalization"]
     console.print(f"{report['written']:,} samples in {len(manifest['classes'])} classes written to {out}; "
-                  f"mean {norm.get('mean')} std {norm.get('std')}", highlight=False)
+                  f"mean {norm.get('mean')} std {norm.get('std')}", markup=False)
 
 
 def render_inspect(manifest: dict[str, Any]) -> None:
     console.print(f"{manifest['created_by']} from {manifest['source']['path']} ({manifest['source']['format']})",
-                  highlight=False)
+                  markup=False)
     console.print(_splits_table(manifest))
     splits = list(manifest["splits"])
     table = Table(title=f"{len(manifest['classes'])} classes")
@@ -221,4 +222,4 @@ def render_inspect(manifest: dict[str, Any]) -> None:
         console.print(_skips_table(manifest["report"]))
     norm = manifest["normalization"]
     console.print(f"normalisation from {', '.join(norm['from'])}: mean {norm.get('mean')} std {norm.get('std')}",
-                  highlight=False)
+                  markup=False)
