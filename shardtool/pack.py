@@ -23,7 +23,7 @@ import PIL
 from shardtool import __version__
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
-from shardtool.journal import STATE_DIR, Journal
+from shardtool.journal import Journal
 from shardtool.manifest import NAME as MANIFEST, build_manifest, write_json_atomic
 from shardtool.parallel import ordered_map
 from shardtool.process.pil import OutputSpec, process_batch

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.shards import read_shards
 
 GOOD = {"cat": 3, "dog": 3}
 EXPECTED_SKIPS = {  # source (relative to SOURCE) -> reason
@@ -85,15 +86,6 @@ def make_dirty(root: Path) -> Path:
     return root
 
 
-def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: bytes}} over every shard in OUT."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def read_rejects(out: Path) -> list[dict]:

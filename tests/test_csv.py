@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.shards import read_shards
 
 CATEGORIES = {"p1": "Home & Garden / Dining / Cups", "p2": "Home & Garden / Kitchen", "p3": "Sports / Bikes / Road"}
 
@@ -21,16 +22,6 @@ def jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: bytes, "split": b"train"|...}} over every shard in OUT."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                sample = samples.setdefault(key, {"split": shard.name.rsplit("-", 1)[0].encode()})
-                sample[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def meta(sample: dict[str, bytes]) -> dict:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.shards import read_shards as read_all
+
 from shardtool.config import PackConfig, Resize, parse_resize
 from shardtool.pack import pack
 
@@ -31,16 +33,7 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
     """{source: {ext: bytes}} over every shard in OUT."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for parts in members.values():
-            samples[json.loads(parts["json"])["source"]] = parts
-    return samples
+    return {json.loads(s["json"])["source"]: s for s in read_all(out).values()}
 
 
 def pack_files(tmp_path: Path, files: dict[str, bytes], **options) -> tuple[dict, dict[str, dict[str, bytes]]]:

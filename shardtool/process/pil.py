@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, ImageStat
 from shardtool.config import Resize
 from shardtool.process.checks import load_bytes, open_image
 from shardtool.process.geometry import Plan, plan
-from shardtool.sample import Item, Sample, Skip
+from shardtool.sample import Item, Skip
 
 Image.MAX_IMAGE_PIXELS = None  # open_image applies our own --max-pixels before any decode
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
