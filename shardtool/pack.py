@@ -32,7 +32,7 @@ from shardtool.sample import Sample, Skip
 from shardtool.sink import SplitSink
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
-_OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx)(\.tmp)?)(\.tmp)?")
+_OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
 
 
 @dataclass

@@ -44,29 +44,28 @@ class SplitSink:
             self._skips.append(item.as_dict())
             self.consumed += 1
             return
-        members = self._members(item)
+        index = self.classes[item.label]
+        members = self._members(item, index)
         size = sum(len(data) + 1024 for _, data in members)
         if self._shard is not None and self.shard_bytes and self._shard.bytes_written + size > self.shard_bytes:
             self._finish()
-        self._write(item, members)
+        self._write(item, index, members)
         self.consumed += 1
         if self._count >= self.shard_size:
             self._finish()
 
-    def _members(self, sample: Sample) -> list[tuple[str, bytes]]:
-        index = self.classes[sample.label]
+    def _members(self, sample: Sample, index: int) -> list[tuple[str, bytes]]:
         info = {"key": sample.key, "label": sample.label, "class": index, "group": sample.group,
                 "source": sample.source, **sample.meta}
         return [(sample.ext or "jpg", sample.data or b""), ("cls", str(index).encode()),
                 ("json", json.dumps(info, ensure_ascii=False, sort_keys=True).encode())]
 
-    def _write(self, sample: Sample, members: list[tuple[str, bytes]]) -> None:
+    def _write(self, sample: Sample, index: int, members: list[tuple[str, bytes]]) -> None:
         if self._shard is None:
             self._file = open(self._path(".tar.tmp"), "wb")
             self._shard = TarShard(self._file)
         self._shard.add_sample(sample.key, members)
         self._count += 1
-        index = self.classes[sample.label]
         self._class_counts[index] = self._class_counts.get(index, 0) + 1
         if sample.stats is not None:
             total, squares, pixels = sample.stats
