@@ -1,62 +1,65 @@
 """Deterministic tar writing with the byte offsets DALI's index needs, and that index itself.
 
-Hand-written rather than webdataset.TarWriter because we need each member's data offset as we
-write (so no second pass like wds2idx) and a sha256 of the bytes without reading the shard back.
+Hand-written rather than tarfile/webdataset.TarWriter for two reasons: we need each member's data
+offset as we write (so no second pass like wds2idx) and a sha256 without reading the shard back,
+and tarfile spends ~60 us per member building headers, which caps a bare copy of small JPEGs at
+~15k members/s. The headers below are byte-identical to what `tarfile` writes in USTAR format with
+mode 0444, mtime 0 and no owner (tests/test_tario.py holds us to that).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
-from collections.abc import Iterable
+import struct
 from typing import BinaryIO
 
 IDX_VERSION = "v1.2"  # the format nvidia/dali wds2idx.py writes and fn.readers.webdataset reads
+BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile pads the archive to whole records
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
+_ZEROS = bytes(RECORD)
 
 
-class _HashingFile:
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file, self.sha256, self.position = file, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.position += len(data)
-        return self.file.write(data)
-
-    def tell(self) -> int:
-        return self.position
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file `name` with `size` bytes."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name}")
+    fields = [encoded, b"0000444\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
+              b" " * 8, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b""]
+    header = _HEADER.pack(*fields)
+    checksum = b"%06o\0 " % sum(header)
+    return header[:148] + checksum + header[156:]
 
 
 class TarShard:
-    """One shard being written: members in order, mtime 0 and no owner, so the bytes are reproducible."""
+    """One shard being written: members in order, plus the .idx lines and a running sha256."""
 
     def __init__(self, file: BinaryIO) -> None:
-        self._out = _HashingFile(file)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
+        self._file, self._sha256, self.bytes_written = file, hashlib.sha256(), 0
         self.index_lines: list[str] = []
 
-    def add_sample(self, key: str, members: Iterable[tuple[str, bytes]]) -> None:
+    def _write(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self._file.write(data)
+        self.bytes_written += len(data)
+
+    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
         parts = []
         for ext, data in members:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o444, 0
-            self._tar.addfile(info, io.BytesIO(data))
-            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            parts.append(f"{ext} {self._tar.offset - padded} {len(data)} {name}")
+            self._write(member_header(name, len(data)))
+            parts.append(f"{ext} {self.bytes_written} {len(data)} {name}")
+            self._write(data)
+            if len(data) % BLOCK:
+                self._write(_ZEROS[: BLOCK - len(data) % BLOCK])
         self.index_lines.append(" ".join(parts))
 
-    @property
-    def bytes_written(self) -> int:
-        return self._out.position
-
     def close(self) -> tuple[int, str]:
-        """Finish the archive; returns (size in bytes, sha256 hex)."""
-        self._tar.close()
-        return self._out.position, self._out.sha256.hexdigest()
+        """Finish the archive (two zero blocks, padded to a record); returns (size, sha256 hex)."""
+        end = self.bytes_written + 2 * BLOCK
+        self._write(_ZEROS[: 2 * BLOCK + (-end % RECORD)])
+        return self.bytes_written, self._sha256.hexdigest()
 
     def index_text(self) -> str:
         return f"{IDX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
