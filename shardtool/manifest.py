@@ -57,30 +57,39 @@ def load_manifest(out: str | os.PathLike[str]) -> Manifest:
     return Manifest(path, data)
 
 
-def _channel_stats(records: list[dict[str, Any]]) -> dict[str, list[float]] | None:
-    pixels = sum(r["stats"]["pixels"] for r in records)
+class _SplitTotals:
+    """What the manifest says about one split, summed over its journal records."""
+
+    def __init__(self) -> None:
+        self.shards: list[dict[str, Any]] = []
+        self.class_counts: Counter[int] = Counter()
+        self.sum, self.sum2, self.pixels = [0.0] * 3, [0.0] * 3, 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.shards.append({"name": record["shard"] + ".tar", "index": record["shard"] + ".idx",
+                            "num_samples": record["num_samples"], "bytes": record["bytes"],
+                            "sha256": record["sha256"]})
+        self.class_counts.update({int(k): v for k, v in record["class_counts"].items()})
+        stats = record["stats"]
+        self.sum = [a + b for a, b in zip(self.sum, stats["sum"])]
+        self.sum2 = [a + b for a, b in zip(self.sum2, stats["sum2"])]
+        self.pixels += stats["pixels"]
+
+    def entry(self, num_classes: int) -> dict[str, Any]:
+        return {"num_samples": sum(s["num_samples"] for s in self.shards),
+                "bytes": sum(s["bytes"] for s in self.shards),
+                "class_counts": [self.class_counts.get(i, 0) for i in range(num_classes)],
+                "stats": _channel_stats([self]), "shards": self.shards}
+
+
+def _channel_stats(totals: list[_SplitTotals]) -> dict[str, list[float]] | None:
+    pixels = sum(t.pixels for t in totals)
     if not pixels:
         return None
-    total = [sum(r["stats"]["sum"][c] for r in records) for c in range(3)]
-    squares = [sum(r["stats"]["sum2"][c] for r in records) for c in range(3)]
-    mean = [t / pixels for t in total]
-    std = [math.sqrt(max(s / pixels - m * m, 0.0)) for s, m in zip(squares, mean)]
+    mean = [sum(t.sum[c] for t in totals) / pixels for c in range(3)]
+    squares = [sum(t.sum2[c] for t in totals) / pixels for c in range(3)]
+    std = [math.sqrt(max(s - m * m, 0.0)) for s, m in zip(squares, mean)]
     return {"mean": [round(m / 255, 6) for m in mean], "std": [round(s / 255, 6) for s in std]}
-
-
-def _split_entry(records: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    shards = [r for r in records if "shard" in r]
-    counts = Counter()
-    for r in shards:
-        counts.update({int(k): v for k, v in r["class_counts"].items()})
-    return {
-        "num_samples": sum(r["num_samples"] for r in shards),
-        "bytes": sum(r["bytes"] for r in shards),
-        "class_counts": [counts.get(i, 0) for i in range(num_classes)],
-        "stats": _channel_stats(shards),
-        "shards": [{"name": r["shard"] + ".tar", "index": r["shard"] + ".idx", "num_samples": r["num_samples"],
-                    "bytes": r["bytes"], "sha256": r["sha256"], "class_counts": r["class_counts"]} for r in shards],
-    }
 
 
 def skip_report(skips: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -93,28 +102,44 @@ def skip_report(skips: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(report.items()))
 
 
-def build_manifest(records: list[dict[str, Any]], classes: list[dict[str, Any]], source: dict[str, Any],
+def build_manifest(records: Iterable[dict[str, Any]], classes: list[dict[str, Any]], source: dict[str, Any],
                    options: dict[str, Any], ignored: list[dict[str, str]], version: str) -> dict[str, Any]:
-    by_split: dict[str, list[dict[str, Any]]] = {}
+    """One pass over the journal records; memory grows with the shard count only (a few lines each)."""
+    totals: dict[str, _SplitTotals] = {}
+    skips: list[dict[str, Any]] = []
+    report: dict[str, dict[str, Any]] = {}
     for record in records:
-        by_split.setdefault(record["split"], []).append(record)
-    splits = {name: _split_entry(rs, len(classes)) for name, rs in sorted(by_split.items(), key=_split_order)}
+        split = totals.setdefault(record["split"], _SplitTotals())
+        if "shard" in record:
+            split.add(record)
+        skips.extend(record["skips"])
+        if len(skips) > 10_000:
+            _merge(report, skip_report(skips))
+            skips.clear()
+    _merge(report, skip_report(skips))
+    splits = {name: t.entry(len(classes)) for name, t in sorted(totals.items(), key=_split_order)}
     splits = {name: entry for name, entry in splits.items() if entry["num_samples"]}
     written = sum(s["num_samples"] for s in splits.values())
-    skipped = sum(len(r["skips"]) for r in records)
-    norm_from = ["train"] if "train" in splits else list(by_split)
+    skipped = sum(entry["count"] for entry in report.values())
+    norm_from = ["train"] if "train" in splits else list(splits)
     return {
         "format": FORMAT, "version": VERSION, "created_by": f"shardtool {version}",
         "source": source,
         "classes": classes,
         "splits": splits,
-        "normalization": {"from": norm_from, **(_channel_stats(
-            [r for r in records if r["split"] in norm_from and "shard" in r]) or {})},
+        "normalization": {"from": norm_from, **(_channel_stats([totals[s] for s in norm_from]) or {})},
         "report": {"seen": written + skipped, "written": written, "skipped": skipped,
-                   "skips": skip_report(s for r in records for s in r["skips"]),
+                   "skips": dict(sorted(report.items())),
                    "ignored": {"count": len(ignored), "examples": ignored[:EXAMPLES_PER_REASON]}},
         "options": options,
     }
+
+
+def _merge(report: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:
+    for reason, entry in more.items():
+        mine = report.setdefault(reason, {"count": 0, "examples": []})
+        mine["count"] += entry["count"]
+        mine["examples"] = (mine["examples"] + entry["examples"])[:EXAMPLES_PER_REASON]
 
 
 def _split_order(item: tuple[str, Any]) -> tuple[int, str]:

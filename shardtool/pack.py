@@ -144,11 +144,11 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
     """rejects.jsonl, the skip ceiling, then dataset.json last."""
     out = Path(config.out)
     with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
-        for record in journal.records:
+        for record in journal.records():
             for skip in record["skips"]:
                 file.write(json.dumps({"split": record["split"], **skip}, ensure_ascii=False) + "\n")
     (out / "rejects.jsonl.tmp").replace(out / "rejects.jsonl")
-    manifest = build_manifest(journal.records, classes, source, options, ignored, __version__)
+    manifest = build_manifest(journal.records(), classes, source, options, ignored, __version__)
     report = manifest["report"]
     if report["seen"] and report["skipped"] > config.max_skip_fraction * report["seen"]:
         top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items())

@@ -36,7 +36,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_shard(folder: Path, shard: dict[str, Any], decode: bool) -> list[str]:
+def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Counter[str]) -> list[str]:
+    """Problems with one shard; its labels are counted into `classes`."""
     path, problems = folder / shard["name"], []
     if not path.is_file():
         return [f"{shard['name']}: missing"]
@@ -46,15 +47,12 @@ def check_shard(folder: Path, shard: dict[str, Any], decode: bool) -> list[str]:
         index = read_index((folder / shard["index"]).read_text())
     except (OSError, ValueError, IndexError) as error:
         return problems + [f"{shard['index']}: unreadable ({error})"]
-    classes: Counter[str] = Counter()
     try:
         problems += _check_members(path, shard, index, decode, classes)
     except tarfile.TarError as error:  # a damaged header or a cut-off shard
         return problems + [f"{shard['name']}: not a readable tar ({error})"]
     if len(index) != shard["num_samples"]:
         problems.append(f"{shard['name']}: {len(index)} samples, manifest says {shard['num_samples']}")
-    if dict(classes) != shard["class_counts"]:
-        problems.append(f"{shard['name']}: class counts differ from the manifest")
     return problems
 
 
@@ -90,9 +88,13 @@ def verify_dataset(out: str, decode: bool = False) -> tuple[list[str], dict[str,
     """(problems found, what was checked). No problems means the dataset is whole."""
     manifest = load_manifest(out)
     problems, shards, samples = [], 0, 0
-    for split in manifest.splits:
+    for split, entry in manifest.splits.items():
+        classes: Counter[str] = Counter()
         for shard in manifest.shards(split):
-            problems += check_shard(Path(out), shard, decode)
+            problems += check_shard(Path(out), shard, decode, classes)
             shards += 1
             samples += shard["num_samples"]
+        expected = {str(index): n for index, n in enumerate(entry["class_counts"]) if n}
+        if dict(classes) != expected:
+            problems.append(f"split {split}: class counts in the shards differ from the manifest")
     return problems, {"shards": shards, "samples": samples}
