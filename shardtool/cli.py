@@ -54,7 +54,9 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "folder", "csv", "pixels"]), help="What SOURCE is.")
+              type=click.Choice(["auto", "folder", "csv", "pixels", "bson"]), help="What SOURCE is.")
+@click.option("--categories", type=click.Path(),
+              help="CSV naming each label id and its category levels (Cdiscount's category_names.csv).")
 @click.option("--images", type=click.Path(), help="CSV: folder the image column is relative to [CSV's folder].")
 @click.option("--image-col", help="CSV: column holding the image path or id.")
 @click.option("--image-suffix", default="", help="CSV: appended to the image column, e.g. .jpg.")
@@ -74,6 +76,9 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
               help="none | shorter:N | longer:N | fit:N (crop) | pad:N (black) | squash:N.")
 @click.option("--encode", default="auto", show_default=True, type=click.Choice(["auto", "jpg", "png"]),
               help="Output encoding; auto: png for pixel CSVs, jpg otherwise.")
+@click.option("--verify", default="full", show_default=True, type=click.Choice(["full", "header"]),
+              help="full: decode every image; header: for inputs already in the output spec, parse the "
+                   "header and end marker only and copy the bytes (trusted sources, faster).")
 @click.option("--quality", default=90, show_default=True, help="JPEG quality when re-encoding.")
 @click.option("--max-pixels", default=89_478_485, show_default=True, help="Skip images with more pixels (bombs).")
 @click.option("--split", "split_text", default="", help="Held-out splits when SOURCE has none, e.g. val=0.1,test=0.1.")
@@ -85,20 +90,21 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
-def pack(source: str, out: str, fmt: str, images: str | None, image_col: str | None, image_suffix: str,
+def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None, image_suffix: str,
          label_col: str | None, label_level: int | None, join: str | None, join_on: tuple[str, str] | None,
          group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
-         shape: str | None, channel_order: str, resize: str, encode: str, quality: int, max_pixels: int,
+         shape: str | None, channel_order: str, resize: str, encode: str, verify: str, quality: int, max_pixels: int,
          split_text: str, stratify: bool, seed: int, shard_size: int, shard_bytes: int | None, workers: int,
          max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
-    """Pack SOURCE (class folders, a CSV manifest or a pixel CSV) into shards in OUT."""
+    """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT."""
     from shardtool.pack import pack as run_pack
 
     csv = CsvOptions(image_col=image_col, label_col=label_col, images=images, image_suffix=image_suffix,
                      join=join, join_on=join_on, label_level=label_level, group_col=group_col,
                      split_col=split_col, numeric_cols=numeric_cols, encoding=encoding,
                      shape=parse_shape(shape) if shape else None, channel_order=channel_order)
-    config = PackConfig(source=source, out=out, format=fmt, csv=csv, resize=parse_resize(resize), encode=encode,
+    config = PackConfig(source=source, out=out, format=fmt, csv=csv, categories=categories,
+                        resize=parse_resize(resize), encode=encode, verify=verify,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
                         seed=seed, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
                         max_skip_fraction=max_skip_fraction, overwrite=overwrite)

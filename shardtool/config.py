@@ -12,7 +12,8 @@ from typing import Any
 from shardtool.errors import ConfigError
 
 RESIZE_MODES = ("none", "shorter", "longer", "fit", "pad", "squash")
-FORMATS = ("auto", "folder", "csv", "pixels")
+FORMATS = ("auto", "folder", "csv", "pixels", "bson")
+VERIFY_MODES = ("full", "header")
 ENCODINGS = ("auto", "jpg", "png")
 
 
@@ -90,7 +91,9 @@ class PackConfig:
     format: str = "auto"
     csv: CsvOptions = field(default_factory=CsvOptions)
     resize: Resize = field(default_factory=Resize)
+    categories: str | None = None
     encode: str = "auto"
+    verify: str = "full"
     quality: int = 90
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     split: dict[str, float] = field(default_factory=dict)
@@ -117,6 +120,10 @@ class PackConfig:
             raise ConfigError("--workers must be 0 (in-process) or more")
         if not 0 <= self.max_skip_fraction <= 1:
             raise ConfigError("--max-skip-fraction must be between 0 and 1")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
+        if self.categories is not None and not Path(self.categories).is_file():
+            raise ConfigError(f"--categories {self.categories} does not exist")
         if self.csv.channel_order not in ("interleaved", "planar"):
             raise ConfigError("--channel-order must be interleaved or planar")
         if self.csv.images is not None and not Path(self.csv.images).is_dir():
@@ -138,5 +145,7 @@ class PackConfig:
         for name in ("images", "join"):
             if options["csv"][name]:
                 options["csv"][name] = str(Path(options["csv"][name]).resolve())
+        if self.categories:
+            options["categories"] = str(Path(self.categories).resolve())
         options["resize"] = str(self.resize)
         return json.loads(json.dumps(options))  # as run.json holds it (tuples -> lists), so a re-run compares equal

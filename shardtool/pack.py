@@ -1,6 +1,7 @@
 """`pack`: readers -> Sample -> processor -> Sample | Skip -> sinks (shards, .idx) -> manifest, last.
 
     items = open_reader(config)                  # Sample | Skip, stable order, no bytes decoded
+    items = known_categories(items, categories)  # labels missing from --categories become skips
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
     items = ordered_map(process_batch, items)    # worker processes: decode, RGB, resize, encode
@@ -12,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,14 +23,16 @@ from typing import Any
 import PIL
 
 from shardtool import __version__
+from shardtool.classes import class_entries, hierarchy, known_categories, read_categories
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
-from shardtool.manifest import NAME as MANIFEST, build_manifest, write_json_atomic
+from shardtool.manifest import NAME as MANIFEST
+from shardtool.manifest import build_manifest, write_json_atomic
 from shardtool.parallel import ordered_map
 from shardtool.process.pil import OutputSpec, process_batch
-from shardtool.readers import Reader, open_reader
-from shardtool.sample import Sample, Skip
+from shardtool.readers import open_reader
+from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
@@ -46,35 +50,30 @@ class Progress:
 @dataclass
 class Scan:
     labels: set[str]
+    unlabelled: int
     total: int
-    groups_by_label: dict[str, set[float]]
+    groups_by_label: dict[str, array[float]]  # unit hashes of each class's groups (only with --stratify)
 
 
-def scan(reader: Reader, seed: int, stratify: bool) -> Scan:
-    """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying."""
-    labels: set[str] = set()
-    groups: dict[str, set[float]] = {}
-    total = 0
-    for item in reader:
-        total += 1
-        if isinstance(item, Sample):
-            labels.add(item.label)
-            if stratify:
-                groups.setdefault(item.label, set()).add(unit_hash(item.group, seed))
-    return Scan(labels, total, groups)
+def scan(items: Iterable[Item], seed: int, stratify: bool) -> Scan:
+    """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying.
 
-
-def class_entries(labels: set[str], label_sep: str | None) -> list[dict[str, Any]]:
-    """Class index = sorted names (numerically when every name is an integer), stable across runs."""
-    numeric = all(label.isdigit() for label in labels)
-    names = sorted(labels, key=lambda name: (int(name), name) if numeric else (0, name))
-    entries = []
-    for index, name in enumerate(names):
-        entry: dict[str, Any] = {"index": index, "name": name}
-        if label_sep and label_sep in name:
-            entry["levels"] = name.split(label_sep)
-        entries.append(entry)
-    return entries
+    With --stratify this keeps 8 bytes per group (a Cdiscount product); without, memory is flat.
+    """
+    found = Scan(set(), 0, 0, {})
+    last: tuple[str, str] | None = None
+    for item in items:
+        found.total += 1
+        if not isinstance(item, Sample):
+            continue
+        if item.label is None:
+            found.unlabelled += 1
+            continue
+        found.labels.add(item.label)
+        if stratify and last != (item.label, item.group):  # a product's pictures arrive together
+            found.groups_by_label.setdefault(item.label, array("d")).append(unit_hash(item.group, seed))
+            last = (item.label, item.group)
+    return found
 
 
 def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
@@ -105,26 +104,29 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     """Pack config.source into shards in config.out; returns the manifest (also written as dataset.json)."""
     config.validate()
     fmt, reader = open_reader(config)
+    categories = read_categories(config.categories, config.csv.encoding) if config.categories else None
     encode = config.encode if config.encode != "auto" else ("png" if fmt == "pixels" else "jpg")
     identity = {**config.identity(), "format": fmt, "encode": encode, "pillow": PIL.__version__,
                 "shardtool": __version__}
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    found = scan(reader, config.seed, config.stratify and not reader.given_splits)
-    if not found.labels:
+    found = scan(known_categories(reader, categories), config.seed, config.stratify and not reader.given_splits)
+    if not found.labels and not found.unlabelled:
         raise ConfigError(f"{config.source} holds no labelled images")
-    classes = class_entries(found.labels, reader.label_sep)
+    classes = class_entries(found.labels, reader.label_sep, categories)
+    tree = hierarchy(classes, categories)
     journal = prepare_out(config, identity)
     splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
-    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels)
+    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify)
     done = journal.consumed()
     sinks: dict[str, SplitSink] = {}
-    index = {entry["name"]: entry["index"] for entry in classes}
+    index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
 
-    items = assign_splits(reader, splitter)
-    items = skip_done(items, done)
-    for item in ordered_map(partial(process_batch, spec=spec), items, config.workers):
+    items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
+    items = assign_splits(items, splitter)        # ... each with its split
+    items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
+    for item in ordered_map(partial(process_batch, spec=spec), items, config.workers):  # encoded Sample | Skip
         split = item.split or "train"
         if split not in sinks:
             sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
@@ -136,11 +138,12 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
             progress(counts)
     for sink in sinks.values():
         sink.close()
-    return finish(config, journal, classes, {"path": config.source, "format": fmt}, identity, reader.ignored)
+    source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
+    return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
 
-def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], source: dict[str, Any],
-           options: dict[str, Any], ignored: list[dict[str, str]]) -> dict[str, Any]:
+def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,
+           source: dict[str, Any], options: dict[str, Any], ignored: list[dict[str, str]]) -> dict[str, Any]:
     """rejects.jsonl, the skip ceiling, then dataset.json last."""
     out = Path(config.out)
     with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
@@ -149,6 +152,8 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
                 file.write(json.dumps({"split": record["split"], **skip}, ensure_ascii=False) + "\n")
     (out / "rejects.jsonl.tmp").replace(out / "rejects.jsonl")
     manifest = build_manifest(journal.records(), classes, source, options, ignored, __version__)
+    if tree:
+        manifest = {**manifest, "hierarchy": tree}
     report = manifest["report"]
     if report["seen"] and report["skipped"] > config.max_skip_fraction * report["seen"]:
         top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items())

@@ -11,16 +11,18 @@ class Sample:
     """One image on its way to a shard.
 
     Readers fill `data` (the encoded bytes, or raw uint8 pixels when `raw_shape` is set) or `path`
-    (read later, in a worker); they never decode. The processor returns a copy with `data` holding
+    (read later, in a worker: the whole file, or `span` = (offset, length) of it); they never decode.
+    `label` is None for unlabelled data (a dump without categories). The processor returns a copy with `data` holding
     the output encoding, `ext` its extension and `stats` the per-channel pixel sums.
     """
 
     key: str
-    label: str
+    label: str | None
     group: str
     source: str
     data: bytes | None = None
     path: str | None = None
+    span: tuple[int, int] | None = None
     raw_shape: tuple[int, int, int] | None = None
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)

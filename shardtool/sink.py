@@ -24,7 +24,7 @@ def shard_name(split: str, index: int) -> str:
 class SplitSink:
     """Writes the samples of one split, in arrival order, into shards of bounded count and size."""
 
-    def __init__(self, out: Path, split: str, classes: dict[str, int], journal: Journal,
+    def __init__(self, out: Path, split: str, classes: dict[str | None, int | None], journal: Journal,
                  shard_size: int, shard_bytes: int | None) -> None:
         self.out, self.split, self.classes, self.journal = out, split, classes, journal
         self.shard_size, self.shard_bytes = shard_size, shard_bytes
@@ -54,19 +54,22 @@ class SplitSink:
         if self._count >= self.shard_size:
             self._finish()
 
-    def _members(self, sample: Sample, index: int) -> list[tuple[str, bytes]]:
+    def _members(self, sample: Sample, index: int | None) -> list[tuple[str, bytes]]:
+        """image, class index (absent for unlabelled samples), metadata."""
         info = {"key": sample.key, "label": sample.label, "class": index, "group": sample.group,
                 "source": sample.source, **sample.meta}
-        return [(sample.ext or "jpg", sample.data or b""), ("cls", str(index).encode()),
+        label = [("cls", str(index).encode())] if index is not None else []
+        return [(sample.ext or "jpg", sample.data or b""), *label,
                 ("json", json.dumps(info, ensure_ascii=False, sort_keys=True).encode())]
 
-    def _write(self, sample: Sample, index: int, members: list[tuple[str, bytes]]) -> None:
+    def _write(self, sample: Sample, index: int | None, members: list[tuple[str, bytes]]) -> None:
         if self._shard is None:
             self._file = open(self._path(".tar.tmp"), "wb")
             self._shard = TarShard(self._file)
         self._shard.add_sample(sample.key, members)
         self._count += 1
-        self._class_counts[index] = self._class_counts.get(index, 0) + 1
+        if index is not None:
+            self._class_counts[index] = self._class_counts.get(index, 0) + 1
         if sample.stats is not None:
             total, squares, pixels = sample.stats
             self._sum = [a + b for a, b in zip(self._sum, total)]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
-from collections.abc import Iterable, Iterator
 
 from shardtool.sample import Item
 
@@ -22,7 +22,8 @@ def unit_hash(group: str, seed: int) -> float:
 class Splitter:
     """Maps (group, label) to a split name; `fractions` names the held-out splits, train is the rest."""
 
-    def __init__(self, fractions: dict[str, float], seed: int, stratify_groups: dict[str, set[float]] | None = None):
+    def __init__(self, fractions: dict[str, float], seed: int,
+                 stratify_groups: Mapping[str, Iterable[float]] | None = None) -> None:
         self.names = [*fractions, "train"]
         self.seed = seed
         bounds, total = [], 0.0
@@ -30,7 +31,7 @@ class Splitter:
             total += fraction
             bounds.append(total)
         self.bounds = bounds
-        self.class_bounds = {label: self._ranked_bounds(sorted(hashes), list(fractions.values()))
+        self.class_bounds = {label: self._ranked_bounds(sorted(set(hashes)), list(fractions.values()))
                              for label, hashes in (stratify_groups or {}).items()}
 
     @staticmethod

@@ -102,12 +102,13 @@ def test_per_sample_metadata_is_cleaned(marketplace, tmp_path, cli):
 def test_label_level_keeps_levels_in_classes(marketplace, tmp_path, cli):
     out = tmp_path / "out"
     assert pack_market(cli, marketplace, out, "--label-level", "2").exit_code == 0
-    classes = json.loads((out / "dataset.json").read_text())["classes"]
-    assert classes == [
-        {"index": 0, "name": "Home & Garden / Dining", "levels": ["Home & Garden", "Dining"]},
-        {"index": 1, "name": "Home & Garden / Kitchen", "levels": ["Home & Garden", "Kitchen"]},
-        {"index": 2, "name": "Sports / Bikes", "levels": ["Sports", "Bikes"]},
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["classes"] == [
+        {"index": 0, "name": "Home & Garden / Dining", "levels": ["Home & Garden", "Dining"], "level_indexes": [0]},
+        {"index": 1, "name": "Home & Garden / Kitchen", "levels": ["Home & Garden", "Kitchen"], "level_indexes": [0]},
+        {"index": 2, "name": "Sports / Bikes", "levels": ["Sports", "Bikes"], "level_indexes": [1]},
     ]
+    assert manifest["hierarchy"] == {"names": ["level1", "level2"], "levels": [["Home & Garden", "Sports"]]}
 
 
 def test_bad_rows_are_counted_by_reason(tmp_path, cli):

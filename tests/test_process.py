@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.shards import read_shards as read_all
-
 from shardtool.config import PackConfig, Resize, parse_resize
 from shardtool.pack import pack
+from tests.shards import read_shards as read_all
 
 
 def save(image: Image.Image, fmt: str, **params) -> bytes:

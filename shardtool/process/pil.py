@@ -30,6 +30,7 @@ class OutputSpec:
     encode: str  # "jpg" or "png"
     quality: int
     max_pixels: int
+    verify: str = "full"  # or "header": inputs already in the output spec are copied after a header parse
 
 
 def process(item: Item, spec: OutputSpec) -> Item:
@@ -45,6 +46,9 @@ def process(item: Item, spec: OutputSpec) -> Item:
         if isinstance(opened, Skip):
             return opened
         image, source_format = opened, opened.format
+        if spec.verify == "header" and _conforms(image, data, spec):
+            return item.with_(data=data, path=None, span=None, ext=spec.encode,
+                              meta={**item.meta, "width": image.width, "height": image.height})
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -62,8 +66,19 @@ def process(item: Item, spec: OutputSpec) -> Item:
             out = Image.open(io.BytesIO(encoded))
     stat = ImageStat.Stat(out)
     meta = {**item.meta, "width": out.width, "height": out.height}
-    return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,
+    return item.with_(data=encoded, path=None, span=None, raw_shape=None, ext=spec.encode, meta=meta,
                       stats=(tuple(stat.sum), tuple(stat.sum2), out.width * out.height))
+
+
+def _conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
+    """From the header alone: what we would write already (format, RGB, upright, size), and not cut off."""
+    if image.mode != "RGB" or _has_alpha(image) or _orientation(image) not in (None, 1):
+        return False
+    if not plan(*image.size, spec.resize).identity:
+        return False
+    if image.format in ("JPEG", "MPO") and spec.encode == "jpg":
+        return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"  # ends on the end-of-image marker
+    return image.format == "PNG" and spec.encode == "png" and data.endswith(b"IEND\xaeB`\x82")
 
 
 def process_batch(items: list[Item], spec: OutputSpec) -> list[Item]:

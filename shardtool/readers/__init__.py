@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError
+from shardtool.readers.bsondump import BsonReader, looks_like_bson
 from shardtool.readers.csv import CsvReader
 from shardtool.readers.folder import FolderReader
 from shardtool.readers.pixels import PixelReader, looks_like_pixels
@@ -30,6 +31,7 @@ READERS: dict[str, Callable[[PackConfig], Any]] = {
     "folder": lambda config: FolderReader(config.source),
     "csv": lambda config: CsvReader(config.source, config.csv),
     "pixels": lambda config: PixelReader(config.source, config.csv),
+    "bson": lambda config: BsonReader(config.source),
 }
 
 
@@ -40,6 +42,8 @@ def detect_format(source: str, encoding: str = "utf-8-sig") -> str:
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         header, _ = read_rows(path, encoding)
         return "pixels" if looks_like_pixels(header) else "csv"
+    if path.suffix.lower() == ".bson" or looks_like_bson(path):
+        return "bson"
     raise ConfigError(f"cannot tell what {path.name} is: pass --format ({', '.join(READERS)})")
 
 
@@ -47,5 +51,5 @@ def open_reader(config: PackConfig) -> tuple[str, Reader]:
     """(the format, resolved from --format or detected, and its reader)."""
     fmt = detect_format(config.source, config.csv.encoding) if config.format == "auto" else config.format
     if (fmt == "folder") != Path(config.source).is_dir():
-        raise ConfigError(f"--format {fmt} does not fit {config.source}: folders are read as folder, files as csv/pixels")
+        raise ConfigError(f"--format {fmt} does not fit {config.source}: folders are read as folder, files as csv/pixels/bson")
     return fmt, READERS[fmt](config)
