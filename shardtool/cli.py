@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -50,6 +49,14 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
     return left, right
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise click.BadParameter("use a number of processes, 0, or auto")
+    return int(value)
+
+
 @main.command(cls=Command)
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path())
@@ -86,7 +93,8 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.option("--seed", default=0, show_default=True, help="Seed of the split hash.")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard, at most.")
 @click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
-@click.option("--workers", default=os.cpu_count() or 1, show_default=True, help="Worker processes (0: in-process).")
+@click.option("--workers", default="auto", show_default=True, callback=_workers,
+              help="Worker processes: N, 0 (in-process) or auto (processes when the per-image work pays for them).")
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
@@ -94,7 +102,7 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          label_col: str | None, label_level: int | None, join: str | None, join_on: tuple[str, str] | None,
          group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, quality: int, max_pixels: int,
-         split_text: str, stratify: bool, seed: int, shard_size: int, shard_bytes: int | None, workers: int,
+         split_text: str, stratify: bool, seed: int, shard_size: int, shard_bytes: int | None, workers: int | None,
          max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
     """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT."""
     from shardtool.pack import pack as run_pack

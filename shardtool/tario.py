@@ -20,16 +20,19 @@ _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
 _ZEROS = bytes(RECORD)
 
 
+_FIXED_SUM = sum(_HEADER.pack(b"", b"0000444\0", b"0000000\0", b"0000000\0", b"", b"00000000000\0", b" " * 8,
+                              b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b""))
+
+
 def member_header(name: str, size: int) -> bytes:
     """The 512-byte USTAR header of a regular file `name` with `size` bytes."""
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > 100:
         raise ValueError(f"member name longer than 100 bytes: {name}")
-    fields = [encoded, b"0000444\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
-              b" " * 8, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b""]
-    header = _HEADER.pack(*fields)
-    checksum = b"%06o\0 " % sum(header)
-    return header[:148] + checksum + header[156:]
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_FIXED_SUM + sum(encoded) + sum(size_field))  # the checksum of the whole header
+    return _HEADER.pack(encoded, b"0000444\0", b"0000000\0", b"0000000\0", size_field, b"00000000000\0",
+                        checksum, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
 
 
 class TarShard:
@@ -45,14 +48,14 @@ class TarShard:
         self.bytes_written += len(data)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        parts = []
+        """All members of one sample, written (and hashed) as one block."""
+        parts, chunks, offset = [], [], self.bytes_written
         for ext, data in members:
             name = f"{key}.{ext}"
-            self._write(member_header(name, len(data)))
-            parts.append(f"{ext} {self.bytes_written} {len(data)} {name}")
-            self._write(data)
-            if len(data) % BLOCK:
-                self._write(_ZEROS[: BLOCK - len(data) % BLOCK])
+            chunks += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
+            parts.append(f"{ext} {offset + BLOCK} {len(data)} {name}")
+            offset += BLOCK + len(data) + (-len(data) % BLOCK)
+        self._write(b"".join(chunks))
         self.index_lines.append(" ".join(parts))
 
     def close(self) -> tuple[int, str]:

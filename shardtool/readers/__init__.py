@@ -2,7 +2,9 @@
 
 Each reader has: `given_splits` (whether samples carry their own split), `ignored` (files that are
 not part of the dataset, reported but not counted), `label_sep` (the separator of hierarchical
-labels, or None) and `__iter__` yielding Sample | Skip in a stable order.
+labels, or None), `labelled` (False for data without labels, e.g. a test dump) and `__iter__`
+yielding Sample | Skip in a stable order. A reader may add `scan()`, yielding (label, group, items)
+per unit more cheaply than building Samples, for pack's first pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from shardtool.sample import Item
 
 class Reader(Protocol, Iterable[Item]):
     given_splits: bool
+    labelled: bool
     ignored: list[dict[str, str]]
     label_sep: str | None
 

@@ -18,8 +18,8 @@ import mmap
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from shardtool.errors import ConfigError
 from shardtool.sample import Item, Sample, Skip
@@ -32,14 +32,14 @@ _FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 
 _LENGTH_PREFIXED = {0x02: 4, 0x0D: 4, 0x0E: 4, 0x05: 5, 0x03: 0, 0x04: 0, 0x0F: 0}
 _ID_FIELD = b"_id\x00"
 PEEK_DOCUMENTS = 100  # documents read to decide whether a dump is labelled
+RELEASE_BYTES = 64 << 20
 
 
 class Corrupt(Exception):
     """The document's structure does not hold together (detail in the message)."""
 
 
-@dataclass(frozen=True)
-class Element:
+class Element(NamedTuple):
     kind: int
     name: str
     start: int  # first byte of the value
@@ -149,16 +149,44 @@ class BsonReader:
         return False
 
     def __iter__(self) -> Iterator[Item]:
+        for buf, span in self._documents():
+            if isinstance(span, Skip):
+                yield span
+            else:
+                yield from self._document(buf, *span)
+
+    def scan(self) -> Iterator[tuple[str | None, str, int]]:
+        """(label, group, items) per document, for pack's first pass: no Sample built, no picture parsed."""
+        for buf, span in self._documents():
+            if isinstance(span, Skip):
+                yield None, "", 1
+                continue
+            try:
+                fields = {element.name: element for element in elements(buf, *span)}
+                imgs = fields.get("imgs")
+                pictures = sum(1 for _ in elements(buf, imgs.start, imgs.end)) if imgs and imgs.kind == 0x04 else 0
+            except Corrupt:
+                fields, pictures = {}, 0
+            label = scalar(buf, fields[self.label_field]) if self.label_field in fields else None
+            product = scalar(buf, fields["_id"]) if "_id" in fields else ""
+            yield (label if self.labelled else None), product or "", max(pictures, 1)
+
+    def _documents(self) -> Iterator[tuple[mmap.mmap, tuple[int, int] | Skip]]:
+        """(the map, (start, end) of each document or a Skip for damaged bytes), in file order."""
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            position = 0
+            position, released = 0, 0
             while position < len(buf):
                 length = plausible(buf, position)
                 if not length:
                     skip, position = self._resync(buf, position)
-                    yield skip
+                    yield buf, skip
                     continue
-                yield from self._document(buf, position, position + length)
+                yield buf, (position, position + length)
                 position += length
+                if position - released > RELEASE_BYTES:  # pages we walked past leave our RSS (not the page cache)
+                    done = position - position % mmap.PAGESIZE
+                    buf.madvise(mmap.MADV_DONTNEED, released, done - released)
+                    released = done
 
     def _resync(self, buf: mmap.mmap, start: int) -> tuple[Skip, int]:
         """A Skip for the damaged bytes from `start` and the offset of the next document (or the end)."""

@@ -42,6 +42,7 @@ class CsvReader:
     """Yields one Sample per row; rows with no label or no image reference become Skips."""
 
     given_splits = False
+    labelled = True
     ignored: list[dict[str, str]] = []
     label_sep = " / "
 

@@ -16,6 +16,7 @@ class FolderReader:
     """Yields one Sample per image file, sorted by path; never reads the bytes (workers do)."""
 
     label_sep = None
+    labelled = True
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)

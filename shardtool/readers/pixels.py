@@ -43,6 +43,7 @@ class PixelReader:
     """Yields one Sample per row with `data` = raw HxWxC uint8 pixels."""
 
     given_splits = False
+    labelled = True
     ignored: list[dict[str, str]] = []
     label_sep = None
 
