@@ -214,24 +214,35 @@ def render_pack(manifest: dict[str, Any], out: str) -> None:
         console.print(f"ignored {report['ignored']['count']} files that are not samples "
                       f"(outside class folders, or hidden): {names}", markup=False)
     norm = manifest["normalization"]
-    console.print(f"{report['written']:,} samples in {len(manifest['classes'])} classes written to {out}; "
-                  f"mean {norm.get('mean')} std {norm.get('std')}", markup=False)
+    classes = f"{len(manifest['classes'])} classes" if manifest["classes"] else "no labels"
+    stats = f"mean {norm['mean']} std {norm['std']}" if "mean" in norm else "no pixel statistics (--verify header)"
+    console.print(f"{report['written']:,} samples in {classes} written to {out}; {stats}", markup=False)
+
+
+def _classes_table(manifest: dict[str, Any]) -> Table:
+    splits = list(manifest["splits"])
+    table = Table(title=f"{len(manifest['classes'])} classes")
+    table.add_column("index", justify="right")
+    table.add_column("class")
+    if any("levels" in entry for entry in manifest["classes"]):
+        table.add_column("levels")
+    for name in splits:
+        table.add_column(name, justify="right")
+    for entry in manifest["classes"]:
+        counts = [f"{manifest['splits'][s]['class_counts'][entry['index']]:,}" for s in splits]
+        levels = [" / ".join(entry.get("levels", []))] if len(table.columns) > 2 + len(splits) else []
+        table.add_row(str(entry["index"]), escape(entry["name"]), *map(escape, levels), *counts)
+    return table
 
 
 def render_inspect(manifest: dict[str, Any]) -> None:
     console.print(f"{manifest['created_by']} from {manifest['source']['path']} ({manifest['source']['format']})",
                   markup=False)
     console.print(_splits_table(manifest))
-    splits = list(manifest["splits"])
-    table = Table(title=f"{len(manifest['classes'])} classes")
-    table.add_column("index", justify="right")
-    table.add_column("class")
-    for name in splits:
-        table.add_column(name, justify="right")
-    for entry in manifest["classes"]:
-        counts = [f"{manifest['splits'][s]['class_counts'][entry['index']]:,}" for s in splits]
-        table.add_row(str(entry["index"]), entry["name"], *counts)
-    console.print(table)
+    if manifest["classes"]:
+        console.print(_classes_table(manifest))
+    else:
+        console.print("no labels (an unlabelled source): samples keep their group, e.g. _id, for predictions")
     if manifest["report"]["skips"]:
         console.print(_skips_table(manifest["report"]))
     norm = manifest["normalization"]

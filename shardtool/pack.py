@@ -115,6 +115,9 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     encode = config.encode if config.encode != "auto" else ("png" if fmt == "pixels" else "jpg")
     identity = {**config.identity(), "format": fmt, "encode": encode, "pillow": PIL.__version__,
                 "shardtool": __version__}
+    if not reader.labelled and (config.split or config.stratify):
+        raise ConfigError(f"{config.source} has no labels: its samples all go to the split 'unlabelled'; "
+                          "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
     found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits)
