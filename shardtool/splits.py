@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 
+import numpy as np
+
 from shardtool.sample import Item
 
 
@@ -31,15 +33,17 @@ class Splitter:
             total += fraction
             bounds.append(total)
         self.bounds = bounds
-        self.class_bounds = {label: self._ranked_bounds(sorted(set(hashes)), list(fractions.values()))
+        self.class_bounds = {label: self._ranked_bounds(np.unique(np.asarray(hashes, dtype=np.float64)),
+                                                        list(fractions.values()))
                              for label, hashes in (stratify_groups or {}).items()}
 
     @staticmethod
-    def _ranked_bounds(hashes: list[float], fractions: list[float]) -> list[float]:
+    def _ranked_bounds(hashes: np.ndarray, fractions: list[float]) -> list[float]:
+        """`hashes` sorted and unique: one per group of the class."""
         bounds, taken = [], 0
         for fraction in fractions:
             taken += round(len(hashes) * fraction)
-            bounds.append(hashes[taken] if taken < len(hashes) else 1.0)
+            bounds.append(float(hashes[taken]) if taken < len(hashes) else 1.0)
         return bounds
 
     def __call__(self, group: str, label: str) -> str:

@@ -32,7 +32,7 @@ _FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 
 _LENGTH_PREFIXED = {0x02: 4, 0x0D: 4, 0x0E: 4, 0x05: 5, 0x03: 0, 0x04: 0, 0x0F: 0}
 _ID_FIELD = b"_id\x00"
 PEEK_DOCUMENTS = 100  # documents read to decide whether a dump is labelled
-RELEASE_BYTES = 64 << 20
+RELEASE_BYTES = 16 << 20
 
 
 class Corrupt(Exception):
