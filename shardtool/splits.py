@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from shardtool.sample import Item
+from shardtool.sample import Item, Sample
 
 
 def unit_hash(group: str, seed: int) -> float:
@@ -61,7 +61,7 @@ def assign_splits(items: Iterable[Item], splitter: Splitter | None) -> Iterator[
 
 
 def _with_split(item: Item, split: str) -> Item:
-    return replace(item, split=split)
+    return item.with_(split=split) if isinstance(item, Sample) else replace(item, split=split)
 
 
 def skip_done(items: Iterable[Item], done: dict[str, int]) -> Iterator[Item]:
