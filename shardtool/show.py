@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import json
 import random
 from pathlib import Path
@@ -27,10 +29,13 @@ def contact_sheet(data: str, grid_path: str, split: str | None = None, count: in
     manifest = load_manifest(data)
     split = split or ("train" if "train" in manifest.splits else next(iter(manifest.splits)))
     shards = manifest.shards(split)
-    pairs = [(shard, i) for shard in shards for i in range(shard["num_samples"])]
-    if not pairs:
+    starts = list(itertools.accumulate((shard["num_samples"] for shard in shards), initial=0))
+    if not starts[-1]:
         raise ConfigError(f"split {split!r} is empty")
-    chosen = random.Random(seed).sample(pairs, min(count, len(pairs)))
+    picks = random.Random(seed).sample(range(starts[-1]), min(count, starts[-1]))  # O(count), not O(samples)
+    chosen = [(shards[bisect.bisect_right(starts, p) - 1], p - starts[bisect.bisect_right(starts, p) - 1])
+              for p in picks]
+    names = {entry["index"]: (entry.get("levels") or [entry["name"]])[-1] for entry in manifest.classes}
     columns = max(1, round(len(chosen) ** 0.5))
     rows = -(-len(chosen) // columns)
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + 16)), "white")
@@ -46,6 +51,7 @@ def contact_sheet(data: str, grid_path: str, split: str | None = None, count: in
         image.thumbnail((TILE, TILE))
         x, y = (n % columns) * TILE, (n // columns) * (TILE + 16)
         sheet.paste(image, (x + (TILE - image.width) // 2, y + (TILE - image.height) // 2))
-        draw.text((x + 2, y + TILE + 2), str(info["label"])[:26], fill="black")
+        caption = names[info["class"]] if info.get("class") is not None else f"_id {info.get('group')}"
+        draw.text((x + 2, y + TILE + 2), caption[:26], fill="black")
     sheet.save(grid_path)
     return len(chosen)
