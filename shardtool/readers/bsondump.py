@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shardtool.errors import ConfigError
+from shardtool.readers.common import make_key
 from shardtool.sample import Item, Sample, Skip
 
 MAX_DOCUMENT = 64 << 20  # MongoDB's own limit is 16 MiB; anything past this is a broken prefix
@@ -44,6 +45,12 @@ class Element(NamedTuple):
     name: str
     start: int  # first byte of the value
     end: int  # one past its last byte
+
+
+class Document(NamedTuple):
+    start: int
+    end: int
+    fields: dict[str, Element]
 
 
 def elements(buf: mmap.mmap, start: int, end: int) -> Iterator[Element]:
@@ -81,7 +88,7 @@ def _value_end(buf: mmap.mmap, kind: int, value: int, end: int) -> int:
     return stop
 
 
-def scalar(buf: mmap.mmap, element: Element) -> str | None:
+def scalar(buf: mmap.mmap, element: Element, strip: bool = True) -> str | None:
     """An id-like value as text: ints, integral doubles, strings, ObjectIds; None for anything else."""
     kind, start = element.kind, element.start
     if kind == 0x10:
@@ -92,10 +99,22 @@ def scalar(buf: mmap.mmap, element: Element) -> str | None:
         number = _DOUBLE.unpack_from(buf, start)[0]
         return str(int(number)) if number.is_integer() else str(number)
     if kind == 0x02:
-        return buf[start + 4:element.end - 1].decode("utf-8", "replace").strip() or None
+        text = buf[start + 4:element.end - 1].decode("utf-8", "surrogateescape")
+        return (text.strip() if strip else text) or None
     if kind == 0x07:
         return buf[start:element.end].hex()
     return None
+
+
+def product_key(product: str, kind: int) -> str:
+    """The sample-key stem of an _id: the id itself when safe, else sanitised + a hash (make_key).
+
+    A string id that reads as a number gets the hash too, so the string "7" and the int 7 (distinct
+    _ids to MongoDB) never share tar member names.
+    """
+    if kind == 0x02 and re.fullmatch(r"-?\d+", product):
+        return make_key(product + " (string)")
+    return make_key(product)
 
 
 def plausible(buf: mmap.mmap, start: int) -> int:
@@ -149,49 +168,63 @@ class BsonReader:
         return False
 
     def __iter__(self) -> Iterator[Item]:
-        for buf, span in self._documents():
-            if isinstance(span, Skip):
-                yield span
+        for buf, document in self._documents():
+            if isinstance(document, Skip):
+                yield document
             else:
-                yield from self._document(buf, *span)
+                yield from self._document(buf, document)
 
     def scan(self) -> Iterator[tuple[str | None, str, int]]:
         """(label, group, items) per document, for pack's first pass: no Sample built, no picture parsed."""
-        for buf, span in self._documents():
-            if isinstance(span, Skip):
+        for buf, document in self._documents():
+            if isinstance(document, Skip):
                 yield None, "", 1
                 continue
+            imgs = document.fields.get("imgs")
             try:
-                fields = {element.name: element for element in elements(buf, *span)}
-                imgs = fields.get("imgs")
                 pictures = sum(1 for _ in elements(buf, imgs.start, imgs.end)) if imgs and imgs.kind == 0x04 else 0
             except Corrupt:
-                fields, pictures = {}, 0
-            label = scalar(buf, fields[self.label_field]) if self.label_field in fields else None
-            product = scalar(buf, fields["_id"]) if "_id" in fields else ""
+                pictures = 0
+            label = self._label(buf, document.fields)
+            product = scalar(buf, document.fields["_id"], strip=False) if "_id" in document.fields else ""
             yield (label if self.labelled else None), product or "", max(pictures, 1)
 
-    def _documents(self) -> Iterator[tuple[mmap.mmap, tuple[int, int] | Skip]]:
-        """(the map, (start, end) of each document or a Skip for damaged bytes), in file order."""
+    def _documents(self) -> Iterator[tuple[mmap.mmap, Document | Skip]]:
+        """Each document with its top-level fields, or a Skip for damaged bytes, in file order.
+
+        A length is trusted only once the fields it frames end exactly on its terminator; otherwise the
+        bytes from there are damage and we search forward, so a length prefix that overshoots into the
+        next document never takes that document with it.
+        """
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             position, released = 0, 0
             while position < len(buf):
-                length = plausible(buf, position)
-                if not length:
+                document = self._parse(buf, position)
+                if document is None:
                     skip, position = self._resync(buf, position)
                     yield buf, skip
                     continue
-                yield buf, (position, position + length)
-                position += length
+                yield buf, document
+                position = document.end
                 if position - released > RELEASE_BYTES:  # pages we walked past leave our RSS (not the page cache)
                     done = position - position % mmap.PAGESIZE
                     buf.madvise(mmap.MADV_DONTNEED, released, done - released)
                     released = done
 
+    @staticmethod
+    def _parse(buf: mmap.mmap, start: int) -> Document | None:
+        length = plausible(buf, start)
+        if not length:
+            return None
+        try:
+            return Document(start, start + length, {e.name: e for e in elements(buf, start, start + length)})
+        except Corrupt:
+            return None
+
     def _resync(self, buf: mmap.mmap, start: int) -> tuple[Skip, int]:
         """A Skip for the damaged bytes from `start` and the offset of the next document (or the end)."""
         hit = buf.find(_ID_FIELD, start + 6)
-        while hit >= 0 and not (plausible(buf, hit - 5) and self._parses(buf, hit - 5)):
+        while hit >= 0 and self._parse(buf, hit - 5) is None:
             hit = buf.find(_ID_FIELD, hit + 1)
         found = hit - 5 if hit >= 0 else len(buf)
         where = f"{self.path.name}@{start}"
@@ -201,32 +234,27 @@ class BsonReader:
             detail = (f"the last document is cut off: {remaining} bytes left" +
                       (f", its length says {declared}" if declared is not None else ""))
             return Skip("truncated_document", f"offset_{start}", where, detail), found
-        detail = f"bad length prefix {declared}; bytes {start}-{found} skipped to the next document"
+        detail = f"length prefix {declared} does not frame a document; bytes {start}-{found} skipped to the next one"
         return Skip("corrupt_document", f"offset_{start}", where, detail), found
 
-    def _parses(self, buf: mmap.mmap, start: int) -> bool:
-        try:
-            for _ in elements(buf, start, start + plausible(buf, start)):
-                pass
-        except Corrupt:
-            return False
-        return True
+    def _label(self, buf: mmap.mmap, fields: dict[str, Element]) -> str | None:
+        return scalar(buf, fields[self.label_field]) if self.label_field in fields else None
 
-    def _document(self, buf: mmap.mmap, start: int, end: int) -> Iterator[Item]:
+    def _document(self, buf: mmap.mmap, document: Document) -> Iterator[Item]:
+        start, fields = document.start, document.fields
         where = f"{self.path.name}@{start}"
+        imgs = fields.get("imgs")
         try:
-            fields = {element.name: element for element in elements(buf, start, end)}
-            imgs = fields.get("imgs")
             pictures = list(elements(buf, imgs.start, imgs.end)) if imgs and imgs.kind == 0x04 else None
         except Corrupt as error:
             yield Skip("corrupt_document", f"offset_{start}", where, str(error))
             return
-        product = scalar(buf, fields["_id"]) if "_id" in fields else None
+        product = scalar(buf, fields["_id"], strip=False) if "_id" in fields else None
         if product is None:
             yield Skip("missing_id", f"offset_{start}", where, "no usable _id")
             return
-        key = re.sub(r"[^A-Za-z0-9_-]", "_", product)
-        label = scalar(buf, fields[self.label_field]) if self.label_field in fields else None
+        key = product_key(product, fields["_id"].kind)
+        label = self._label(buf, fields)
         if pictures is None:
             yield Skip("missing_images", key, where, "no imgs array", product)
             return
