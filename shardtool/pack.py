@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import shutil
 from array import array
@@ -32,7 +34,7 @@ from shardtool.manifest import build_manifest, write_json_atomic
 from shardtool.parallel import ordered_map
 from shardtool.process.pil import OutputSpec, process_batch
 from shardtool.readers import Reader, open_reader
-from shardtool.sample import Sample, Skip
+from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
@@ -54,14 +56,14 @@ class Scan:
     groups_by_label: dict[str, array[float]]  # unit hashes of each class's groups (only with --stratify)
 
 
-def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool) -> Scan:
+def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool, workers: int | None) -> Scan:
     """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying.
 
     With --stratify this keeps 8 bytes per group (a Cdiscount product); without, memory is flat.
     """
     found = Scan(set(), 0, {})
     last: tuple[str, str] | None = None
-    for label, group, count in _labels(reader, categories):
+    for label, group, count in _labels(reader, workers):
         found.total += count
         if label is None:
             continue
@@ -74,10 +76,11 @@ def scan(reader: Reader, categories: Categories | None, seed: int, stratify: boo
     return found
 
 
-def _labels(reader: Reader, categories: Categories | None) -> Iterator[tuple[str | None, str, int]]:
+def _labels(reader: Reader, workers: int | None) -> Iterator[tuple[str | None, str, int]]:
     """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
-    if hasattr(reader, "scan"):
-        yield from reader.scan()
+    if hasattr(reader, "partitions"):
+        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), _all_cores(workers), 4)
+        yield from chunks
         return
     for item in reader:
         yield (item.label, item.group, 1) if isinstance(item, Sample) else (None, "", 1)
@@ -120,7 +123,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                           "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits)
+    found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, config.workers)
     if not found.labels and reader.labelled:
         raise ConfigError(f"{config.source} holds no labelled images")
     classes = class_entries(found.labels, reader.label_sep, categories)
@@ -133,10 +136,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
 
-    items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
-    items = assign_splits(items, splitter)        # ... each with its split
-    items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
-    for item in ordered_map(partial(process_batch, spec=spec), items, config.workers):  # encoded Sample | Skip
+    for item in packed_items(reader, categories, splitter, spec, done, config.workers):
         split = item.split or "train"
         if split not in sinks:
             sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
@@ -150,6 +150,37 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         sink.close()
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
+
+
+def packed_items(reader: Reader, categories: Categories | None, splitter: Splitter | None, spec: OutputSpec,
+                 done: dict[str, int], workers: int | None) -> Iterator[Item]:
+    """Encoded Sample | Skip in the source's order, each with its split, minus what `done` accounts for."""
+    if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
+        read = partial(read_and_process, reader=reader, categories=categories, spec=spec)
+        items = ordered_map(read, reader.partitions(), _all_cores(workers), batch=1)  # encoded Sample | Skip
+        items = assign_splits(items, splitter)  # ... each with its split
+        return skip_done(items, done)  # ... minus a resumed run's finished shards (checked again, not written)
+    items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
+    items = assign_splits(items, splitter)        # ... each with its split
+    items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
+    return ordered_map(partial(process_batch, spec=spec), items, workers)  # encoded Sample | Skip
+
+
+def read_and_process(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
+                     spec: OutputSpec) -> list[Item]:
+    """In a worker: the items of some byte ranges of the source, checked and encoded."""
+    items = known_categories(itertools.chain.from_iterable(reader.read(span) for span in spans), categories)
+    return process_batch(list(items), spec)
+
+
+def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str | None, str, int]]:
+    """In a worker: (label, group, items) of each document in some byte ranges of the source."""
+    return [entry for span in spans for entry in reader.scan(span)]
+
+
+def _all_cores(workers: int | None) -> int:
+    """Reading a range costs far more than handing its samples over, so auto means every core."""
+    return workers if workers is not None else (os.cpu_count() or 1)
 
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,

@@ -34,6 +34,7 @@ _LENGTH_PREFIXED = {0x02: 4, 0x0D: 4, 0x0E: 4, 0x05: 5, 0x03: 0, 0x04: 0, 0x0F: 
 _ID_FIELD = b"_id\x00"
 PEEK_DOCUMENTS = 100  # documents read to decide whether a dump is labelled
 RELEASE_BYTES = 16 << 20
+PARTITION_DOCUMENTS = 256
 
 
 class Corrupt(Exception):
@@ -168,15 +169,36 @@ class BsonReader:
         return False
 
     def __iter__(self) -> Iterator[Item]:
-        for buf, document in self._documents():
+        return self.read()
+
+    def read(self, span: tuple[int, int] | None = None) -> Iterator[Item]:
+        """The items of the documents starting in `span` (a range from `partitions`; all by default)."""
+        for buf, document in self._documents(span):
             if isinstance(document, Skip):
                 yield document
             else:
                 yield from self._document(buf, document)
 
-    def scan(self) -> Iterator[tuple[str | None, str, int]]:
+    def partitions(self, documents: int = PARTITION_DOCUMENTS) -> Iterator[tuple[int, int]]:
+        """Byte ranges of about `documents` documents each, so worker processes share one big file.
+
+        Walks the length prefixes only (about 1 us per document); a range ends only where a document
+        verifiably starts. Damage inside a range is found and counted by whoever reads it.
+        """
+        with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            start = position = count = 0
+            while position < len(buf):
+                length = plausible(buf, position)
+                position = position + length if length else self._resync(buf, position, len(buf))[1]
+                count += 1
+                if count >= documents and position < len(buf) and self._parse(buf, position):
+                    yield start, position
+                    start, count = position, 0
+            yield start, len(buf)
+
+    def scan(self, span: tuple[int, int] | None = None) -> Iterator[tuple[str | None, str, int]]:
         """(label, group, items) per document, for pack's first pass: no Sample built, no picture parsed."""
-        for buf, document in self._documents():
+        for buf, document in self._documents(span):
             if isinstance(document, Skip):
                 yield None, "", 1
                 continue
@@ -189,7 +211,7 @@ class BsonReader:
             product = scalar(buf, document.fields["_id"], strip=False) if "_id" in document.fields else ""
             yield (label if self.labelled else None), product or "", max(pictures, 1)
 
-    def _documents(self) -> Iterator[tuple[mmap.mmap, Document | Skip]]:
+    def _documents(self, span: tuple[int, int] | None) -> Iterator[tuple[mmap.mmap, Document | Skip]]:
         """Each document with its top-level fields, or a Skip for damaged bytes, in file order.
 
         A length is trusted only once the fields it frames end exactly on its terminator; otherwise the
@@ -197,11 +219,12 @@ class BsonReader:
         next document never takes that document with it.
         """
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            position, released = 0, 0
-            while position < len(buf):
+            position, end = span or (0, len(buf))
+            released = position - position % mmap.PAGESIZE
+            while position < end:
                 document = self._parse(buf, position)
                 if document is None:
-                    skip, position = self._resync(buf, position)
+                    skip, position = self._resync(buf, position, end)
                     yield buf, skip
                     continue
                 yield buf, document
@@ -221,16 +244,16 @@ class BsonReader:
         except Corrupt:
             return None
 
-    def _resync(self, buf: mmap.mmap, start: int) -> tuple[Skip, int]:
-        """A Skip for the damaged bytes from `start` and the offset of the next document (or the end)."""
-        hit = buf.find(_ID_FIELD, start + 6)
+    def _resync(self, buf: mmap.mmap, start: int, end: int) -> tuple[Skip, int]:
+        """A Skip for the damaged bytes from `start` and the offset of the next document (at most `end`)."""
+        hit = buf.find(_ID_FIELD, start + 6, end + 9)  # up to the _id of a document starting at `end`
         while hit >= 0 and self._parse(buf, hit - 5) is None:
-            hit = buf.find(_ID_FIELD, hit + 1)
-        found = hit - 5 if hit >= 0 else len(buf)
+            hit = buf.find(_ID_FIELD, hit + 1, end + 9)
+        found = hit - 5 if hit >= 0 else end
         where = f"{self.path.name}@{start}"
         remaining = len(buf) - start
         declared = _INT32.unpack_from(buf, start)[0] if remaining >= 4 else None
-        if hit < 0 and (declared is None or declared > remaining):
+        if hit < 0 and end == len(buf) and (declared is None or declared > remaining):
             detail = (f"the last document is cut off: {remaining} bytes left" +
                       (f", its length says {declared}" if declared is not None else ""))
             return Skip("truncated_document", f"offset_{start}", where, detail), found
