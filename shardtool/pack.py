@@ -35,7 +35,7 @@ from shardtool.parallel import ordered_map
 from shardtool.process.pil import OutputSpec, process_batch
 from shardtool.readers import Reader, open_reader
 from shardtool.sample import Item, Sample, Skip
-from shardtool.sink import SplitSink
+from shardtool.sink import SplitSink, with_block
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
 _OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
@@ -136,7 +136,8 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
 
-    for item in packed_items(reader, categories, splitter, spec, done, config.workers):
+    for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index), done,
+                             config.workers):
         split = item.split or "train"
         if split not in sinks:
             sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
@@ -152,25 +153,31 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
 
-def packed_items(reader: Reader, categories: Categories | None, splitter: Splitter | None, spec: OutputSpec,
-                 done: dict[str, int], workers: int | None) -> Iterator[Item]:
+def packed_items(reader: Reader, categories: Categories | None, splitter: Splitter | None,
+                 encode_items: Callable[[list[Item]], list[Item]], done: dict[str, int],
+                 workers: int | None) -> Iterator[Item]:
     """Encoded Sample | Skip in the source's order, each with its split, minus what `done` accounts for."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
-        read = partial(read_and_process, reader=reader, categories=categories, spec=spec)
+        read = partial(read_and_encode, reader=reader, categories=categories, encode_items=encode_items)
         items = ordered_map(read, reader.partitions(), _all_cores(workers), batch=1)  # encoded Sample | Skip
         items = assign_splits(items, splitter)  # ... each with its split
         return skip_done(items, done)  # ... minus a resumed run's finished shards (checked again, not written)
     items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
     items = assign_splits(items, splitter)        # ... each with its split
     items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
-    return ordered_map(partial(process_batch, spec=spec), items, workers)  # encoded Sample | Skip
+    return ordered_map(encode_items, items, workers)  # encoded Sample | Skip
 
 
-def read_and_process(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
-                     spec: OutputSpec) -> list[Item]:
+def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, int | None]) -> list[Item]:
+    """In a worker: check and encode each image, then build its tar members (the writer only appends)."""
+    return [with_block(item, classes) for item in process_batch(items, spec)]
+
+
+def read_and_encode(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
+                    encode_items: Callable[[list[Item]], list[Item]]) -> list[Item]:
     """In a worker: the items of some byte ranges of the source, checked and encoded."""
     items = known_categories(itertools.chain.from_iterable(reader.read(span) for span in spans), categories)
-    return process_batch(list(items), spec)
+    return encode_items(list(items))
 
 
 def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str | None, str, int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,7 @@ def batched(items: Iterable[A], size: int) -> Iterator[list[A]]:
 
 HANDOFF_SECONDS = 30e-6  # parent-side cost of one item through the pool
 PROBE_BATCHES = 8
+SWITCH_SECONDS = 1e-4
 
 
 def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: int | None,
@@ -51,6 +53,8 @@ def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: i
             yield from fn(chunk)
         return
     context = multiprocessing.get_context("forkserver")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_SECONDS)  # let the pool's reader thread take results while we write
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque[Future[list[B]]] = deque()
         try:
@@ -66,6 +70,7 @@ def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: i
         finally:
             for future in pending:
                 future.cancel()
+            sys.setswitchinterval(switch)
 
 
 def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], cores: int, batch: int) -> Iterator[B]:

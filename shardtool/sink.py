@@ -9,16 +9,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from shardtool.journal import Journal
 from shardtool.sample import Item, Sample, Skip
-from shardtool.tario import TarShard
+from shardtool.tario import Block, TarShard, encode_sample
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
+
+
+def sample_members(sample: Sample, index: int | None) -> list[tuple[str, bytes]]:
+    """image, class index (absent for unlabelled samples), metadata."""
+    info = {"key": sample.key, "label": sample.label, "class": index, "group": sample.group,
+            "source": sample.source, **sample.meta}
+    label = [("cls", str(index).encode())] if index is not None else []
+    return [(sample.ext or "jpg", sample.data or b""), *label,
+            ("json", json.dumps(info, ensure_ascii=False, sort_keys=True).encode())]
+
+
+def with_block(item: Item, classes: Mapping[str | None, int | None]) -> Item:
+    """Build a sample's tar members where it was processed (a worker), so the writer only appends bytes."""
+    if isinstance(item, Skip):
+        return item
+    return item.with_(block=encode_sample(item.key, sample_members(item, classes[item.label])), data=None)
 
 
 class SplitSink:
@@ -45,28 +62,19 @@ class SplitSink:
             self.consumed += 1
             return
         index = self.classes[item.label]
-        members = self._members(item, index)
-        size = sum(len(data) + 1024 for _, data in members)
-        if self._shard is not None and self.shard_bytes and self._shard.bytes_written + size > self.shard_bytes:
+        block = item.block or encode_sample(item.key, sample_members(item, index))
+        if self._shard is not None and self.shard_bytes and self._shard.bytes_written + len(block.data) > self.shard_bytes:
             self._finish()
-        self._write(item, index, members)
+        self._write(item, index, block)
         self.consumed += 1
         if self._count >= self.shard_size:
             self._finish()
 
-    def _members(self, sample: Sample, index: int | None) -> list[tuple[str, bytes]]:
-        """image, class index (absent for unlabelled samples), metadata."""
-        info = {"key": sample.key, "label": sample.label, "class": index, "group": sample.group,
-                "source": sample.source, **sample.meta}
-        label = [("cls", str(index).encode())] if index is not None else []
-        return [(sample.ext or "jpg", sample.data or b""), *label,
-                ("json", json.dumps(info, ensure_ascii=False, sort_keys=True).encode())]
-
-    def _write(self, sample: Sample, index: int | None, members: list[tuple[str, bytes]]) -> None:
+    def _write(self, sample: Sample, index: int | None, block: Block) -> None:
         if self._shard is None:
             self._file = open(self._path(".tar.tmp"), "wb")
             self._shard = TarShard(self._file)
-        self._shard.add_sample(sample.key, members)
+        self._shard.add_block(block)
         self._count += 1
         if index is not None:
             self._class_counts[index] = self._class_counts.get(index, 0) + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 IDX_VERSION = "v1.2"  # the format nvidia/dali wds2idx.py writes and fn.readers.webdataset reads
 BLOCK = 512
@@ -35,6 +35,23 @@ def member_header(name: str, size: int) -> bytes:
                         checksum, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
 
 
+class Block(NamedTuple):
+    """One sample's members as tar bytes, built anywhere (a worker) and appended to a shard as is."""
+
+    data: bytes
+    members: tuple[tuple[str, int, int, str], ...]  # (ext, data offset within `data`, size, member name)
+
+
+def encode_sample(key: str, members: list[tuple[str, bytes]]) -> Block:
+    chunks, entries, offset = [], [], 0
+    for ext, data in members:
+        name = f"{key}.{ext}"
+        chunks += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
+        entries.append((ext, offset + BLOCK, len(data), name))
+        offset += BLOCK + len(data) + (-len(data) % BLOCK)
+    return Block(b"".join(chunks), tuple(entries))
+
+
 class TarShard:
     """One shard being written: members in order, plus the .idx lines and a running sha256."""
 
@@ -48,15 +65,14 @@ class TarShard:
         self.bytes_written += len(data)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """All members of one sample, written (and hashed) as one block."""
-        parts, chunks, offset = [], [], self.bytes_written
-        for ext, data in members:
-            name = f"{key}.{ext}"
-            chunks += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
-            parts.append(f"{ext} {offset + BLOCK} {len(data)} {name}")
-            offset += BLOCK + len(data) + (-len(data) % BLOCK)
-        self._write(b"".join(chunks))
-        self.index_lines.append(" ".join(parts))
+        self.add_block(encode_sample(key, members))
+
+    def add_block(self, block: Block) -> None:
+        """A sample's members, written (and hashed) as one piece; its index line gets shard offsets."""
+        base = self.bytes_written
+        self._write(block.data)
+        self.index_lines.append(" ".join(f"{ext} {base + offset} {size} {name}"
+                                         for ext, offset, size, name in block.members))
 
     def close(self) -> tuple[int, str]:
         """Finish the archive (two zero blocks, padded to a record); returns (size, sha256 hex)."""

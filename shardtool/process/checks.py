@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import io
-import os
 
 from PIL import Image, UnidentifiedImageError
 
@@ -17,8 +15,6 @@ def load_bytes(sample: Sample) -> bytes | Skip:
     """The sample's encoded bytes, reading its file if the reader gave a path."""
     if sample.data is not None:
         data = sample.data
-    elif sample.span is not None:
-        data = _read_span(sample.path or "", *sample.span)
     else:
         try:
             with open(sample.path or "", "rb") as file:
@@ -30,16 +26,6 @@ def load_bytes(sample: Sample) -> bytes | Skip:
     if not data:
         return _skip(sample, "empty_file", "0 bytes")
     return data
-
-
-@functools.lru_cache(maxsize=8)
-def _descriptor(path: str) -> int:
-    """One open descriptor per big file per process (a dump is read by byte ranges, sample by sample)."""
-    return os.open(path, os.O_RDONLY)
-
-
-def _read_span(path: str, offset: int, length: int) -> bytes:
-    return os.pread(_descriptor(path), length, offset)
 
 
 def open_image(sample: Sample, data: bytes, max_pixels: int) -> Image.Image | Skip:

@@ -50,7 +50,7 @@ def process(item: Item, spec: OutputSpec) -> Item:
             return opened
         image, source_format = opened, opened.format
         if spec.verify == "header" and _conforms(image, data, spec):
-            return item.with_(data=data, path=None, span=None, ext=spec.encode,
+            return item.with_(data=data, path=None, ext=spec.encode,
                               meta={**item.meta, "width": image.width, "height": image.height})
         try:
             image.load()
@@ -69,7 +69,7 @@ def process(item: Item, spec: OutputSpec) -> Item:
             out = Image.open(io.BytesIO(encoded))
     stat = ImageStat.Stat(out)
     meta = {**item.meta, "width": out.width, "height": out.height}
-    return item.with_(data=encoded, path=None, span=None, raw_shape=None, ext=spec.encode, meta=meta,
+    return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,
                       stats=(tuple(stat.sum), tuple(stat.sum2), out.width * out.height))
 
 
@@ -88,7 +88,7 @@ def _jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | N
         return None
     if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return None  # cut off: the full decode names the damage
-    return item.with_(data=data, path=None, span=None, ext="jpg", meta={**item.meta, "width": width, "height": height})
+    return item.with_(data=data, path=None, ext="jpg", meta={**item.meta, "width": width, "height": height})
 
 
 def _conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
