@@ -158,15 +158,15 @@ class BsonReader:
                 continue
             fields = document.fields
             imgs = fields.get("imgs")
-            label = as_text(fields.get(self.label_field)) if self.labelled else None
+            label = self._label(fields) if self.labelled else None
             yield label, as_text(fields.get("_id")) or "", max(len(imgs) if isinstance(imgs, list) else 0, 1)
 
     def _documents(self, span: tuple[int, int] | None) -> Iterator[tuple[mmap.mmap, Document | Skip]]:
         """Each document with its top-level fields, or a Skip for damaged bytes, in file order.
 
-        A length is trusted only once the fields it frames end exactly on its terminator; otherwise the
-        bytes from there are damage and we search forward, so a length prefix that overshoots into the
-        next document never takes that document with it.
+        A length is trusted only once the bytes it frames decode as a document; otherwise the bytes
+        from there are damage and we search forward, so a length prefix that overshoots into the next
+        document never takes that document with it.
         """
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             position, end = span or (0, len(buf))
@@ -207,8 +207,13 @@ class BsonReader:
             detail = (f"the last document is cut off: {remaining} bytes left" +
                       (f", its length says {declared}" if declared is not None else ""))
             return Skip("truncated_document", f"offset_{start}", where, detail), found
-        detail = f"length prefix {declared} does not frame a document; bytes {start}-{found} skipped to the next one"
+        detail = (f"length prefix {declared} does not frame a document that decodes; bytes {start}-{found} "
+                  "skipped to the next one")
         return Skip("corrupt_document", f"offset_{start}", where, detail), found
+
+    def _label(self, fields: dict[str, Any]) -> str | None:
+        label = as_text(fields.get(self.label_field))
+        return label.strip() if label is not None and isinstance(fields[self.label_field], str) else label
 
     def _document(self, document: Document) -> Iterator[Item]:
         fields, where = document.fields, f"{self.path.name}@{document.start}"
@@ -217,8 +222,7 @@ class BsonReader:
             yield Skip("missing_id", f"offset_{document.start}", where, "no usable _id")
             return
         key = product_key(product, isinstance(fields["_id"], str))
-        label = as_text(fields.get(self.label_field))
-        label = label.strip() if label is not None and isinstance(fields[self.label_field], str) else label
+        label = self._label(fields)
         imgs = fields.get("imgs")
         if not isinstance(imgs, list):
             yield Skip("missing_images", key, where, "no imgs array", product)
