@@ -159,7 +159,7 @@ def packed_items(reader: Reader, categories: Categories | None, splitter: Splitt
     """Encoded Sample | Skip in the source's order, each with its split, minus what `done` accounts for."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
         read = partial(read_and_encode, reader=reader, categories=categories, encode_items=encode_items)
-        items = ordered_map(read, reader.partitions(), _all_cores(workers), batch=1)  # encoded Sample | Skip
+        items = ordered_map(read, reader.partitions(), workers, batch=1)  # encoded Sample | Skip
         items = assign_splits(items, splitter)  # ... each with its split
         return skip_done(items, done)  # ... minus a resumed run's finished shards (checked again, not written)
     items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
@@ -186,7 +186,7 @@ def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str
 
 
 def _all_cores(workers: int | None) -> int:
-    """Reading a range costs far more than handing its samples over, so auto means every core."""
+    """The first pass returns a few bytes per document, far less than it reads, so auto means every core."""
     return workers if workers is not None else (os.cpu_count() or 1)
 
 
