@@ -4,7 +4,10 @@
     items = known_categories(items, categories)  # labels missing from --categories become skips
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
-    items = ordered_map(process_batch, items)    # worker processes: decode, RGB, resize, encode
+    items = ordered_map(encode_batch, items)     # worker processes: decode, RGB, resize, encode, tar members
+
+For a reader with byte-range partitions (a BSON dump) the workers do the reading too, so splits are
+assigned after the workers (see packed_items).
     for item in items: sinks[item.split].add(item)
 """
 

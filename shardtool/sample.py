@@ -11,9 +11,9 @@ class Sample:
     """One image on its way to a shard.
 
     Readers fill `data` (the encoded bytes, or raw uint8 pixels when `raw_shape` is set) or `path`
-    (read later, in a worker); they never decode.
-    `label` is None for unlabelled data (a dump without categories). The processor returns a copy with `data` holding
-    the output encoding, `ext` its extension and `stats` the per-channel pixel sums.
+    (read later, in a worker); they never decode. `label` is None for unlabelled data (a dump without
+    categories). The processor returns a copy with `data` holding the output encoding, `ext` its
+    extension and `stats` the per-channel pixel sums.
     """
 
     key: str

@@ -86,7 +86,7 @@ def _jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | N
         return None
     if colorspace not in ("YCbCr", "RGB") or width * height > spec.max_pixels or not plan(width, height, spec.resize).identity:
         return None
-    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+    if not _complete(data, "JPEG"):
         return None  # cut off: the full decode names the damage
     return item.with_(data=data, path=None, ext="jpg", meta={**item.meta, "width": width, "height": height})
 
@@ -97,9 +97,15 @@ def _conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
         return False
     if not plan(*image.size, spec.resize).identity:
         return False
-    if image.format in ("JPEG", "MPO") and spec.encode == "jpg":
-        return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"  # ends on the end-of-image marker
-    return image.format == "PNG" and spec.encode == "png" and data.endswith(b"IEND\xaeB`\x82")
+    same_format = image.format in ("JPEG", "MPO") and spec.encode == "jpg" or image.format == "PNG" and spec.encode == "png"
+    return same_format and _complete(data, "PNG" if image.format == "PNG" else "JPEG")
+
+
+def _complete(data: bytes, image_format: str) -> bool:
+    """The file ends on its format's end marker (JPEG EOI, PNG IEND), so it was not cut off."""
+    if image_format == "PNG":
+        return data.endswith(b"IEND\xaeB`\x82")
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
 def process_batch(items: list[Item], spec: OutputSpec) -> list[Item]:

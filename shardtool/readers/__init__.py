@@ -3,8 +3,9 @@
 Each reader has: `given_splits` (whether samples carry their own split), `ignored` (files that are
 not part of the dataset, reported but not counted), `label_sep` (the separator of hierarchical
 labels, or None), `labelled` (False for data without labels, e.g. a test dump) and `__iter__`
-yielding Sample | Skip in a stable order. A reader may add `scan()`, yielding (label, group, items)
-per unit more cheaply than building Samples, for pack's first pass.
+yielding Sample | Skip in a stable order. A reader of one big file may also offer `partitions()`
+(byte ranges), `read(span)` and `scan(span)` ((label, group, items) per document): pack then hands
+whole ranges to the workers, which read and encode them (BsonReader).
 """
 
 from __future__ import annotations
