@@ -1,14 +1,203 @@
-"""The trainer command line. Its commands (fit, evaluate, predict) arrive with the trainer issue;
-until then `trainer` only reads a shardtool manifest, so the two packages share one format from day one."""
+"""The trainer command line: fit, evaluate, predict. Parse, delegate to the library, render with rich."""
 
 from __future__ import annotations
 
-import click
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from shardtool.errors import ShardtoolError
 from trainer import __version__
 
+err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
+console = Console(soft_wrap=True, highlight=False)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+HELP = {
+    "model": "Backbone: efficientnet_lite0 (offline), tiny_cnn, a torchvision or a timm name.",
+    "weights": "imagenet | none | PATH of a state dict (torchvision/timm imagenet weights need the network).",
+    "epochs": "Epochs in all.", "batch_size": "Samples per batch on each process.",
+    "image_size": "Side the model sees [0: the model's own].", "optimizer": "adamw | sgd.",
+    "lr": "Peak LR of the head; the backbone gets lr x --backbone-lr-mult.",
+    "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Decoupled weight decay.",
+    "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
+    "min_lr": "Cosine floor as a fraction of --lr.",
+    "freeze_epochs": "Train only the head for this many epochs (backbone frozen, its BatchNorm in eval).",
+    "label_smoothing": "Cross-entropy label smoothing.", "mixup": "MixUp alpha (0: off).", "cutmix": "CutMix alpha (0: off).",
+    "amp": "auto | bf16 | fp16 | none (auto: bf16 on CPUs and GPUs that have it).",
+    "channels_last": "channels_last memory format.", "compile": "torch.compile the model.",
+    "loader": "auto | torch | dali (auto: dali on a GPU when installed, else torch).",
+    "workers": "Decode processes per training process.", "shuffle_buffer": "Samples in the shuffle buffer.",
+    "train_split": "Split to train on.", "val_split": "Split to validate on (val finds validation).",
+    "metric": "val_top1 | val_top5 | val_loss: what best.pt is chosen by.",
+    "patience": "Stop after this many epochs without improvement (0: never).",
+    "checkpoint_every": "Optimizer steps between mid-epoch saves of last.pt (0: epoch ends only).",
+    "on_corrupt": "fail: stop at a corrupt sample naming shard and key | skip: count it and go on.",
+    "norm": "model: normalise with the backbone's mean/std | dataset: with the manifest's.",
+    "device": "auto | cpu | cuda | cuda:N.", "seed": "Seed of the data order, augmentation and head init.",
+}
+
+
+class Command(click.Command):
+    """Prints a ShardtoolError (config, data, checkpoint) as one line, no traceback, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShardtoolError as error:
+            err.print(f"[red]error:[/red] {escape(str(error))}")
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err.print("interrupted: `trainer fit ... --resume` continues from the last checkpoint")
+            sys.exit(130)
+
+
+def fit_options(command: Any) -> Any:
+    """One --flag per FitConfig field (defaults shown from the dataclass), so the two never drift apart."""
+    from trainer.config import FitConfig
+
+    for f in reversed([f for f in dataclasses.fields(FitConfig) if f.name not in ("data", "out")]):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            command = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
+                                   show_default=True, help=HELP[f.name])(command)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            command = click.option(flag, f.name, type=kind, default=f.default, show_default=True,
+                                   help=HELP[f.name])(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="trainer")
 def main() -> None:
-    """Train, evaluate and predict from shardtool shards (fit/evaluate/predict: not built yet)."""
+    """Train, evaluate and predict from shardtool shards."""
+
+
+@main.command(cls=Command)
+@click.argument("data")
+@click.argument("out", type=click.Path())
+@click.option("--config", "config_path", type=click.Path(), help="YAML file of options; flags override it.")
+@click.option("--resume", is_flag=True, help="Continue OUT's run exactly from OUT/last.pt.")
+@click.option("--overwrite", is_flag=True, help="Start again in an OUT that holds a run.")
+@fit_options
+def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: bool, **options: Any) -> None:
+    """Fine-tune a pretrained CNN on DATA (a shardtool output, URL or shard pattern); write the run to OUT."""
+    from trainer import distributed
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import build_config, resumed_config
+    from trainer.fit import fit as run_fit
+
+    ctx = click.get_current_context()
+    given = {k: v for k, v in options.items()
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE} | {"data": data, "out": out}
+    if resume:
+        config = resumed_config(load_checkpoint(Path(out) / "last.pt")["config"], given)
+    else:
+        config = build_config(given if config_path else options | given, config_path)
+    dist = distributed.setup(config.device)
+    try:
+        with EpochProgress(enabled=dist.main) as bar:
+            summary = run_fit(config, dist, resume=resume, overwrite=overwrite, progress=bar.update,
+                              on_epoch=bar.epoch_done)
+    finally:
+        distributed.cleanup()
+    if dist.main:
+        render_summary(summary, out)
+
+
+class EpochProgress:
+    """A rich bar per epoch phase and one line per finished epoch."""
+
+    def __init__(self, enabled: bool) -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+        self.bar = Progress(*columns, console=err, disable=not (enabled and err.is_terminal))
+        self.enabled = enabled
+        self.task: Any = None
+        self.key: tuple[int, str] | None = None
+
+    def __enter__(self) -> EpochProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, epoch: int, step: Any) -> None:
+        if self.key != (epoch, step.phase):
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.key = (epoch, step.phase)
+            self.task = self.bar.add_task(f"epoch {epoch + 1} {step.phase}", total=step.num_batches, info="")
+        rate = step.samples / max(step.seconds, 1e-9)
+        info = f"loss {step.loss:.3f} {rate:.0f} img/s" if step.phase == "train" else f"{rate:.0f} img/s"
+        self.bar.update(self.task, completed=step.batch, info=info)
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            shown = {k: v for k, v in row.items() if k != "epoch" and v is not None}
+            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+            console.print(f"epoch {row['epoch']}: {text}", markup=False)
+
+
+def render_summary(summary: dict[str, Any], out: str) -> None:
+    split = summary.get("evaluated_split")
+    if split:
+        result = summary[split]
+        levels = "".join(f"  {k} {v:.2%}" for k, v in (result.get("level_acc") or {}).items() if v is not None)
+        console.print(f"best epoch {summary['best_epoch']}: {split} top-1 {result['top1']:.2%}  top-5 "
+                      f"{result['top5']:.2%}  loss {result['loss']:.4f}  ({result['num_samples']} images){levels}",
+                      markup=False)
+    console.print(f"run written to {out}: best.pt, last.pt, metrics.csv, curves.png, tb/, summary.json", markup=False)
+
+
+@main.command(cls=Command)
+@click.argument("ckpt", type=click.Path())
+@click.argument("data")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, num_samples, ...).")
+def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, loader: str, device: str,
+             as_json: bool) -> None:
+    """Evaluate checkpoint CKPT on a split of DATA: loss, top-1, top-5, accuracy per category level."""
+    from trainer.predict import evaluate_checkpoint, load_predictor
+
+    predictor = load_predictor(ckpt, data, device)
+    result, _ = evaluate_checkpoint(predictor, split, batch_size=batch_size, workers=workers, loader=loader)
+    if as_json:
+        click.echo(json.dumps(result | {"split": split}))
+        return
+    levels = "".join(f"  {k} {v:.2%}" for k, v in (result.get("level_acc") or {}).items() if v is not None)
+    console.print(f"{split}: top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
+                  f"({result['num_samples']} images){levels}", markup=False)
+
+
+@main.command(cls=Command)
+@click.argument("ckpt", type=click.Path())
+@click.argument("data")
+@click.option("--split", default="test", show_default=True, help="Split to predict (unlabelled too).")
+@click.option("--out", "out", default="preds.csv", show_default=True, type=click.Path(), help="CSV to write.")
+@click.option("--group", is_flag=True, help="One row per group (product) from averaged probabilities: _id,category_id.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
+@click.option("--device", default="auto", show_default=True)
+def predict(ckpt: str, data: str, split: str, out: str, group: bool, batch_size: int, workers: int, loader: str,
+            device: str) -> None:
+    """Write CKPT's predictions for a split of DATA to a CSV (per sample, or per product with --group)."""
+    from trainer.predict import load_predictor, predict_csv
+
+    predictor = load_predictor(ckpt, data, device)
+    rows = predict_csv(predictor, split, Path(out), group=group, batch_size=batch_size, workers=workers,
+                       loader=loader)
+    console.print(f"wrote {rows:,} {'groups' if group else 'predictions'} to {out}", markup=False)

@@ -1,0 +1,117 @@
+"""FitConfig: every option of `trainer fit`, from defaults <- a YAML file <- command-line flags.
+
+The effective config is saved as OUT/config.yaml and inside every checkpoint; `--resume` reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
+
+# Options that decide which sample meets which weights: changing them breaks an exact resume.
+RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
+                "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "warmup_epochs",
+                "mixup", "cutmix", "label_smoothing", "weight_decay", "amp", "norm")
+METRICS = ("val_top1", "val_top5", "val_loss")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    data: str
+    out: str
+    model: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | PATH to a state dict
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int = 0  # 0: the model's own input size
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.01  # cosine floor, as a fraction of lr
+    freeze_epochs: int = 1  # epochs training the head only, backbone frozen (BN in eval)
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # alpha; 0 is off
+    cutmix: float = 0.0
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    channels_last: bool = True
+    compile: bool = False
+    loader: str = "auto"  # auto | torch | dali
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    train_split: str = "train"
+    val_split: str = "val"
+    metric: str = "val_top1"  # what best.pt is chosen by
+    patience: int = 0  # early stopping: epochs without improvement; 0 is off
+    checkpoint_every: int = 200  # optimizer steps between mid-epoch last.pt; 0: at epoch ends only
+    on_corrupt: str = "fail"  # fail | skip
+    norm: str = "model"  # model: the backbone's mean/std | dataset: the manifest's
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> FitConfig:
+        choices = {"optimizer": ("adamw", "sgd"), "amp": ("auto", "bf16", "fp16", "none"),
+                   "loader": ("auto", "torch", "dali"), "metric": METRICS, "on_corrupt": ("fail", "skip"),
+                   "norm": ("model", "dataset")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.freeze_epochs < 0 or self.workers < 0 or self.image_size < 0 or self.lr <= 0:
+            raise ConfigError("freeze_epochs, workers and image_size must be >= 0 and lr > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in fields(FitConfig)}
+    if unknown := sorted(set(data) - known):
+        raise ConfigError(f"{path}: unknown option {unknown[0]!r} (options are the long flags of trainer fit)")
+    return data
+
+
+def build_config(given: dict[str, Any], yaml_path: str | None) -> FitConfig:
+    """Defaults, then the YAML file, then the flags the user actually typed (GIVEN)."""
+    merged = read_yaml(yaml_path) if yaml_path else {}
+    merged.update(given)
+    if "data" not in merged or "out" not in merged:
+        raise ConfigError("give DATA and OUT (as arguments or in the config file)")
+    try:
+        return FitConfig(**merged).validate()
+    except TypeError as error:
+        raise ConfigError(f"bad config: {error}") from None
+
+
+def resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> FitConfig:
+    """The checkpoint's config; flags may change epochs, patience and the like, not the run's identity."""
+    changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved.get(k)]
+    if changed:
+        raise ConfigError(f"--resume continues a run exactly; {changed[0]} differs from it "
+                          f"({saved.get(changed[0])!r} vs {given[changed[0]]!r}): start a new OUT instead")
+    known = {f.name for f in fields(FitConfig)}
+    return FitConfig(**{k: v for k, v in {**saved, **given}.items() if k in known}).validate()
+
+
+def write_yaml(config: FitConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,86 @@
+"""Loaders: shards -> Batch on the device. Two backends, one contract.
+
+Every backend takes a LoaderSpec and yields `Batch` objects whose images are already on the device,
+float, normalised with the spec's mean/std and channels_last, so the loop never knows which one ran:
+
+    shards (manifest) -> plan (which samples, in which order, on this rank) -> backend -> Batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from trainer.dataset import Shard
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a backend needs; built once per split by fit/evaluate/predict."""
+
+    shards: tuple[Shard, ...]
+    batch_size: int
+    image_size: int  # side of the square the model sees
+    mean: tuple[float, float, float]  # 0-1 scale, applied on the device
+    std: tuple[float, float, float]
+    train: bool  # True: shuffle + RandomResizedCrop + flip; False: resize + centre crop, in shard order
+    labelled: bool = True
+    resize_size: int = 0  # eval: shorter side before the centre crop [image_size / 0.875]
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: bool = True
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    workers: int = 2  # decode processes (DataLoader workers / DALI threads)
+    shuffle_buffer: int = 1000
+    on_corrupt: str = "fail"  # fail: stop with shard and key; skip: count and go on
+    device: str = "cpu"
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize_size or round(self.image_size / 0.875)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # N x 3 x H x W float on the device, normalised, channels_last
+    labels: torch.Tensor  # N int64 on the device; -1 where unlabelled
+    keys: list[str]
+    groups: list[str]  # what the split was hashed on (BSON: the product _id)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why) dropped from this batch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class Loader(Protocol):
+    num_batches: int  # per epoch on this rank; equal on every rank when training
+    num_samples: int  # per epoch on this rank
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of EPOCH from START_BATCH on; the same order for the same seed, whatever the start."""
+        ...
+
+
+def make_loader(spec: LoaderSpec, backend: str) -> Loader:
+    """backend: torch | dali | auto (dali when it is installed and a GPU is there, else torch)."""
+    if backend == "auto":
+        backend = "dali" if spec.device.startswith("cuda") and dali_available() else "torch"
+    if backend == "dali":
+        from trainer.data.dali import DaliLoader
+
+        return DaliLoader(spec)
+    from trainer.data.torch import TorchLoader
+
+    return TorchLoader(spec)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,87 @@
+"""Which samples each rank and each decode worker reads in an epoch, as a pure function of the seed.
+
+The epoch order is the shard list shuffled by (seed, epoch) (training) or as listed (eval). The
+rank's share is a contiguous range of that order with the same size on every rank when training
+(up to world-1 samples per epoch are left out then, different ones each epoch). The rank's range is
+cut into one contiguous range per worker, sized so that batch i comes from worker i % workers:
+that is the order torch's DataLoader collects worker batches in, so "resume at batch k" is "each
+worker skips the batches before k that were its own", with no sample repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from trainer.dataset import Shard
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: Shard
+    start: int  # sample index inside the shard
+    stop: int
+
+
+def epoch_shards(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}/{epoch}/shards").shuffle(order)
+    return order
+
+
+def rank_range(total: int, rank: int, world: int, equal: bool) -> tuple[int, int]:
+    """[start, stop) of the epoch order for RANK; equal: every rank gets total // world."""
+    if equal:
+        size = total // world
+        return rank * size, (rank + 1) * size
+    return rank * total // world, (rank + 1) * total // world
+
+
+def worker_sizes(num_samples: int, batch_size: int, workers: int) -> list[int]:
+    """Samples per worker so that batch i is worker i % workers' batch i // workers."""
+    workers = max(workers, 1)
+    num_batches = math.ceil(num_samples / batch_size)
+    sizes = [len(range(w, num_batches, workers)) * batch_size for w in range(workers)]
+    if num_batches:
+        sizes[(num_batches - 1) % workers] -= num_batches * batch_size - num_samples  # the short last batch
+    return sizes
+
+
+def batches_before(start_batch: int, worker: int, workers: int) -> int:
+    """How many of the first START_BATCH batches worker WORKER produced."""
+    return len(range(worker, start_batch, max(workers, 1)))
+
+
+def segments(order: list[Shard], start: int, stop: int) -> list[Segment]:
+    """The pieces of shards covering samples [start, stop) of ORDER."""
+    out, offset = [], 0
+    for shard in order:
+        lo, hi = max(start - offset, 0), min(stop - offset, shard.num_samples)
+        if lo < hi:
+            out.append(Segment(shard, lo, hi))
+        offset += shard.num_samples
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: list[Segment]
+    skip: int  # samples to drop (after shuffling, before decoding) when resuming mid-epoch
+    size: int  # samples this worker yields in the whole epoch, skipped ones included
+
+
+def worker_plan(shards: tuple[Shard, ...], *, seed: int, epoch: int, train: bool, rank: int, world: int,
+                batch_size: int, workers: int, worker: int, start_batch: int) -> WorkerPlan:
+    order = epoch_shards(shards, seed, epoch, shuffle=train)
+    lo, hi = rank_range(sum(s.num_samples for s in shards), rank, world, equal=train)
+    sizes = worker_sizes(hi - lo, batch_size, workers)
+    begin = lo + sum(sizes[:worker])
+    skip = batches_before(start_batch, worker, workers) * batch_size
+    return WorkerPlan(segments(order, begin, begin + sizes[worker]), min(skip, sizes[worker]), sizes[worker])
+
+
+def rank_samples(shards: tuple[Shard, ...], rank: int, world: int, train: bool) -> int:
+    lo, hi = rank_range(sum(s.num_samples for s in shards), rank, world, equal=train)
+    return hi - lo

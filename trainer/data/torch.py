@@ -1,0 +1,203 @@
+"""The torch/webdataset loader: tar members -> decoded uint8 crops in DataLoader workers -> Batch on the device.
+
+Each worker runs one webdataset-style pipeline of small generators over the samples plan.py gave it:
+
+    segments -> raw samples {__key__, jpg|png, cls, json}   (webdataset's tar iterator, no decoding)
+             -> shuffle buffer (training)                     (seeded per epoch, rank and worker)
+             -> skip the samples already trained on          (resume mid-epoch)
+             -> planned batches of raw samples
+             -> decode + crop/flip -> uint8 tensors           (torchvision.io, per-sample seeded RNG)
+    main:    -> pinned host batch -> device, float, normalised, channels_last
+
+Augmentation draws from a generator seeded by (seed, epoch, key), not from a stream, so a resumed
+epoch gives every sample the crop it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from trainer.data import Batch, LoaderSpec
+from trainer.data.plan import Segment, rank_samples, worker_plan
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+RATIO = (3 / 4, 4 / 3)
+
+
+def read_segment(segment: Segment) -> Iterator[dict[str, Any]]:
+    """Raw samples START..STOP of one shard; a damaged tar raises with the shard's name."""
+    source = [{"url": segment.shard.url}]
+    samples = group_by_keys(tar_file_expander(url_opener(source)))
+    yield from islice(samples, segment.start, segment.stop)
+
+
+def shuffled(samples: Iterable[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """A shuffle buffer: webdataset's, with our own RNG so that it replays exactly."""
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def crop_box(rng: random.Random, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (torchvision's algorithm) drawn from RNG: top, left, height, width."""
+    area = height * width
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    aspect = width / height  # fallback: the centre crop at the nearest allowed ratio
+    if aspect < RATIO[0]:
+        w, h = width, round(width / RATIO[0])
+    elif aspect > RATIO[1]:
+        h, w = height, round(height * RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def transform(image: torch.Tensor, spec: LoaderSpec, rng: random.Random | None) -> torch.Tensor:
+    """uint8 CHW -> uint8 3 x size x size: random crop + flip when training, resize + centre crop otherwise."""
+    size = spec.image_size
+    if rng is not None:
+        top, left, h, w = crop_box(rng, image.shape[-2], image.shape[-1], spec.scale)
+        image = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        return F.horizontal_flip(image) if spec.hflip and rng.random() < 0.5 else image
+    image = F.resize(image, [spec.eval_resize], antialias=True)
+    return F.center_crop(image, [size, size])
+
+
+def decode(sample: dict[str, Any], spec: LoaderSpec, epoch: int) -> tuple[torch.Tensor, int, str, str]:
+    """Raw sample -> (uint8 image, label, key, group); raises ValueError on a bad sample."""
+    key = sample["__key__"]
+    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+    if data is None:
+        raise ValueError("no image member")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ValueError(f"undecodable image: {str(error).splitlines()[0]}") from None
+    rng = random.Random(f"{spec.seed}/{epoch}/{key}") if spec.train else None
+    label = int(sample["cls"]) if "cls" in sample else -1
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    group = str(meta.get("group", meta.get("_id", key)))
+    return transform(image, spec, rng), label, key, group
+
+
+class ShardStream(IterableDataset):
+    """One epoch of this rank's samples; each DataLoader worker yields its planned batches."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = get_worker_info()
+        workers = max(spec.workers, 1)
+        # DataLoader worker j plays planned worker (j + start) % workers, so batch start comes first.
+        worker = ((info.id if info else 0) + self.start_batch) % workers
+        plan = worker_plan(spec.shards, seed=spec.seed, epoch=self.epoch, train=spec.train, rank=spec.rank,
+                           world=spec.world, batch_size=spec.batch_size, workers=workers, worker=worker,
+                           start_batch=self.start_batch)
+        samples: Iterable[dict[str, Any]] = self._raw(plan.segments)
+        if spec.train:
+            rng = random.Random(f"{spec.seed}/{self.epoch}/{spec.rank}/{worker}/buffer")
+            samples = shuffled(samples, spec.shuffle_buffer, rng)
+        samples = islice(samples, plan.skip, None)
+        # from here: planned batches of raw samples; a bad one leaves a hole, never shifts the next batch
+        for chunk in _chunks(samples, spec.batch_size):
+            yield self._collate(chunk)
+
+    def _raw(self, plan: list[Segment]) -> Iterator[dict[str, Any]]:
+        for segment in plan:
+            seen = 0
+            try:
+                for sample in read_segment(segment):
+                    seen += 1
+                    yield sample
+            except (tarfile.TarError, OSError, ValueError) as error:
+                where = f"{segment.shard.url} after sample {segment.start + seen}"
+                yield {"__key__": where, "__error__": f"corrupt shard: {error}"}
+                for _ in range(segment.stop - segment.start - seen - 1):
+                    yield {"__key__": where, "__error__": "lost to the corrupt shard above"}
+
+    def _collate(self, chunk: list[dict[str, Any]]) -> dict[str, Any]:
+        images, labels, keys, groups, skipped = [], [], [], [], []
+        for sample in chunk:
+            try:
+                if "__error__" in sample:
+                    raise ValueError(sample["__error__"])
+                image, label, key, group = decode(sample, self.spec, self.epoch)
+            except ValueError as error:
+                url = sample.get("__url__", "")
+                skipped.append((f"{url} {sample['__key__']}".strip(), str(error)))
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(key)
+            groups.append(group)
+        size = self.spec.image_size
+        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "keys": keys,
+                "groups": groups, "skipped": skipped}
+
+
+def _chunks(samples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(samples)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class TorchLoader:
+    """DataLoader over ShardStream; batches are built in the workers, normalised on the device."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.num_samples = rank_samples(spec.shards, spec.rank, spec.world, spec.train)
+        self.num_batches = math.ceil(self.num_samples / spec.batch_size)
+        self.stream = ShardStream(spec)
+        self.device = torch.device(spec.device)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(spec.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(spec.std, device=self.device).view(shape) * 255
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        self.stream.epoch, self.stream.start_batch = epoch, start_batch
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.spec.workers,
+                            collate_fn=_identity, pin_memory=self.device.type == "cuda",
+                            prefetch_factor=4 if self.spec.workers else None,
+                            generator=torch.Generator())  # keeps the global RNG (dropout, mixup) untouched
+        for raw in loader:
+            yield self.to_device(raw)
+
+    def to_device(self, raw: dict[str, Any]) -> Batch:
+        images = raw["images"].to(self.device, non_blocking=True).float()
+        images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        labels = raw["labels"].to(self.device, non_blocking=True)
+        return Batch(images, labels, raw["keys"], raw["groups"], raw["skipped"])

@@ -1,0 +1,129 @@
+"""DATA as the trainer sees it: a shardtool manifest plus where its shards live.
+
+DATA is a shardtool output folder, a URL prefix of one (`https://host/shards/`, `pipe:...` is not a
+folder), or a brace pattern of shards (`out/train-{000000..000009}.tar`) whose folder holds the
+dataset.json; a pattern keeps only the shards it names. Every count the loaders rely on (samples
+per split and per shard, classes, normalisation) comes from the manifest, never from reading shards.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+
+from shardtool.errors import ConfigError
+from shardtool.manifest import FORMAT, NAME, VERSION
+
+SPLIT_ALIASES = {"val": ("val", "validation", "valid"), "validation": ("validation", "val", "valid"),
+                 "valid": ("valid", "val", "validation")}
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path or a URL webdataset.gopen can open
+    index_url: str  # its DALI .idx
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: str
+    manifest: dict[str, Any]
+    selected: frozenset[str] | None = None  # shard names a brace pattern chose, else every shard
+
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        return self.manifest["classes"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [entry["name"] for entry in self.classes]
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        return self.manifest["normalization"]
+
+    def split_name(self, split: str) -> str:
+        """The manifest's name for SPLIT (`val` finds `validation` and back), or a one-line error."""
+        for name in SPLIT_ALIASES.get(split, (split,)):
+            if name in self.manifest["splits"] and self.shards(name, check=False):
+                return name
+        have = ", ".join(self.manifest["splits"]) or "none"
+        raise ConfigError(f"{self.root} has no split {split!r} (it has: {have}); pick one with --split")
+
+    def has_split(self, split: str) -> bool:
+        try:
+            self.split_name(split)
+        except ConfigError:
+            return False
+        return True
+
+    def shards(self, split: str, check: bool = True) -> list[Shard]:
+        name = self.split_name(split) if check else split
+        return [Shard(_join(self.root, s["name"]), _join(self.root, s["index"]), s["num_samples"])
+                for s in self.manifest["splits"][name]["shards"]
+                if self.selected is None or s["name"] in self.selected]
+
+    def num_samples(self, split: str) -> int:
+        return sum(shard.num_samples for shard in self.shards(split))
+
+    def labelled(self, split: str) -> bool:
+        return bool(self.classes) and self.split_name(split) != "unlabelled"
+
+    def fingerprint(self) -> list[str]:
+        """What a checkpoint must agree with to be used on this dataset: the class names in order."""
+        return self.class_names
+
+
+def open_dataset(data: str) -> Dataset:
+    """Read DATA's manifest; a folder without one, or a wrong file, is a one-line ConfigError."""
+    selected = None
+    root = data
+    if "{" in data or data.endswith(".tar"):
+        names = [posixpath.basename(p) for p in braceexpand(data)]
+        selected = frozenset(names)
+        root = posixpath.dirname(data) or "."
+    text = _read_text(_join(root, NAME), data)
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{_join(root, NAME)} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{data} is not a shardtool output ({NAME} is not a shardtool manifest)")
+    if manifest.get("version") != VERSION:
+        raise ConfigError(f"{data} has manifest version {manifest.get('version')}; this trainer reads {VERSION}")
+    dataset = Dataset(root, manifest, selected)
+    if selected is not None:
+        known = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+        if missing := sorted(selected - known):
+            raise ConfigError(f"{data} names shards the manifest does not list: {', '.join(missing[:3])}")
+    return dataset
+
+
+def _join(root: str, name: str) -> str:
+    if _URL.match(root):
+        return root.rstrip("/") + "/" + name
+    return str(Path(root) / name)
+
+
+def _read_text(path: str, data: str) -> str:
+    if _URL.match(path):
+        from webdataset import gopen
+
+        try:
+            with gopen(path) as stream:
+                return stream.read().decode("utf-8")
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read {path}: {error}") from None
+    if not Path(data).exists() and "{" not in data:
+        raise ConfigError(f"{data} does not exist")
+    if not Path(path).is_file():
+        raise ConfigError(f"{data} is not a shardtool output (no {NAME}); run shardtool pack first")
+    return Path(path).read_text(encoding="utf-8")

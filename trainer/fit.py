@@ -1,0 +1,311 @@
+"""fit: the composition, top to bottom.
+
+    manifest -> loaders (train, val) -> model from the registry, new head -> optimizer (head lr, backbone lr * mult)
+    for each epoch: freeze or unfreeze -> train_one_epoch (mid-epoch last.pt) -> evaluate -> log -> best.pt/last.pt
+    at the end: best.pt on the test split (when there is one) -> confusion matrix, summary.json
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.config import FitConfig, write_yaml
+from trainer.data import Loader, LoaderSpec, make_loader
+from trainer.dataset import Dataset, open_dataset
+from trainer.distributed import Dist, all_sum, barrier
+from trainer.errors import ConfigError
+from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
+from trainer.metrics import EvalMeter, RunLog, level_maps_from_manifest
+
+write_confusion, write_summary = RunLog.write_confusion, RunLog.write_summary
+from trainer.models import Model, create_model
+from trainer.schedule import lr_at
+
+
+@dataclass
+class State:
+    """Where the run is; saved in every checkpoint (plus model, optimizer, RNG)."""
+
+    epoch: int = 0  # the epoch in progress, 0-based
+    batch: int = 0  # batches of it already trained on
+    step: int = 0  # optimizer steps so far
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    partial: dict[str, float] = field(default_factory=dict)  # this epoch's TrainSums so far
+
+
+@dataclass
+class Run:
+    config: FitConfig
+    dist: Dist
+    dataset: Dataset
+    model: Model
+    device: torch.device
+    amp: Amp
+    optimizer: torch.optim.Optimizer
+    train: Loader
+    val: Loader | None
+    out: Path
+    state: State = field(default_factory=State)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device here (use cpu or auto)")
+    return torch.device(name)
+
+
+def make_amp(mode: str, device: torch.device) -> Amp:
+    """auto: bf16 on a GPU that has it (else fp16 with a scaler); bf16 on a CPU with native bf16 (4x here)."""
+    if mode == "auto":
+        if device.type == "cuda":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mode = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+    if mode == "none":
+        return Amp(None, device.type)
+    if mode == "fp16":
+        return Amp(torch.float16, device.type, torch.amp.GradScaler(device.type))
+    return Amp(torch.bfloat16, device.type)
+
+
+def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str, Any]:
+    """What the model sees: input size and the mean/std the loader normalises with (saved in checkpoints)."""
+    mean, std = model.mean, model.std
+    if config.norm == "dataset":
+        norm = dataset.normalization
+        if "mean" not in norm:
+            raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header)")
+        mean, std = tuple(norm["mean"]), tuple(norm["std"])
+    return {"image_size": config.image_size or model.input_size, "mean": list(mean), "std": list(std)}
+
+
+def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, device: torch.device,
+                split: str, train: bool) -> LoaderSpec:
+    pre = preprocessing(config, dataset, model)
+    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
+                      image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
+                      labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,
+                      workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
+                      device=str(device))
+
+
+def make_optimizer(config: FitConfig, model: Model) -> torch.optim.Optimizer:
+    """Four groups: backbone/head x decay/no-decay (biases and norm weights are not decayed)."""
+    groups = []
+    head = {id(p) for p in model.head.parameters()}
+    for part, mult in (("backbone", config.backbone_lr_mult), ("head", 1.0)):
+        params = [p for p in model.module.parameters() if (id(p) in head) == (part == "head")]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr_mult": mult, "weight_decay": config.weight_decay * decay})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def set_frozen(model: Model, frozen: bool) -> None:
+    """Frozen: only the head learns and the backbone's BatchNorm keeps its running statistics."""
+    for p in model.backbone_parameters():
+        p.requires_grad_(not frozen)
+    model.module.train()
+    if frozen:
+        for module in model.module.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) -> Run:
+    dataset = open_dataset(config.data)
+    if not dataset.classes:
+        raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to train on")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, len(dataset.classes), config.weights)
+    if config.channels_last:
+        model.module.to(memory_format=torch.channels_last)
+    model.module.to(device)
+    train = make_loader(loader_spec(config, dataset, model, dist, device, config.train_split, True), config.loader)
+    val = None
+    if dataset.has_split(config.val_split):
+        val = make_loader(loader_spec(config, dataset, model, dist, device, config.val_split, False), config.loader)
+    run = Run(config, dist, dataset, model, device, make_amp(config.amp, device), make_optimizer(config, model),
+              train, val, Path(config.out))
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    return run
+
+
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    check_classes(checkpoint, run.dataset.class_names, run.config.data)
+    run.model.module.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if run.amp.scaler is not None and checkpoint.get("scaler"):
+        run.amp.scaler.load_state_dict(checkpoint["scaler"])
+    run.state = State(**checkpoint["state"])
+    set_rng_state(checkpoint["rng"])
+
+
+def save(run: Run, name: str) -> None:
+    if not run.dist.main:
+        return
+    state = {"model": run.model.module.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.amp.scaler.state_dict() if run.amp.scaler else {}, "state": asdict(run.state),
+             "rng": rng_state(), "config": run.config.to_dict(), "classes": run.dataset.class_names,
+             "class_entries": run.dataset.classes,
+             "preprocessing": preprocessing(run.config, run.dataset, run.model)}
+    save_checkpoint(state, run.out / name)
+
+
+def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite: bool = False,
+        progress: Callable[[int, Step], None] = lambda epoch, step: None,
+        on_epoch: Callable[[dict[str, Any]], None] = lambda row: None) -> dict[str, Any]:
+    """Train CONFIG's model on CONFIG's data; returns the summary also written to OUT/summary.json."""
+    out = Path(config.out)
+    if not resume and not overwrite and (out / "last.pt").exists():
+        raise ConfigError(f"{out} already holds a run: --resume to continue it, --overwrite to start again")
+    checkpoint = load_checkpoint(out / "last.pt") if resume else None
+    run = build_run(config, dist, checkpoint)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(config, out / "config.yaml")
+    log = RunLog(out, resume_epoch=run.state.epoch if resume else None) if dist.main else None
+    try:
+        while run.state.epoch < config.epochs and not stop_early(run):
+            row = run_epoch(run, progress)
+            on_epoch(row)
+            if log is not None:
+                log.log_epoch(row)
+        return finish(run, progress)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def stop_early(run: Run) -> bool:
+    return bool(run.config.patience) and run.state.bad_epochs >= run.config.patience
+
+
+def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
+    config, state, epoch = run.config, run.state, run.state.epoch
+    set_frozen(run.model, epoch < config.freeze_epochs)
+    model: nn.Module = run.model.module
+    if run.dist.world > 1:  # rebuilt per epoch: the trainable set changes when the backbone unfreezes
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+    sums = train(run, model, progress)
+    row = epoch_row(run, sums)
+    if run.val is not None:
+        meter = new_meter_for(run.dataset, run.device)
+        result = evaluate(run.model.module, run.val.epoch(epoch), meter, amp=run.amp, num_batches=run.val.num_batches,
+                          on_corrupt=config.on_corrupt, after_step=lambda s: progress(epoch, s))
+        row |= val_columns(result)
+    state.epoch, state.batch, state.partial = epoch + 1, 0, {}
+    judge(run, row)
+    save(run, "last.pt")
+    return row
+
+
+def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> TrainSums:
+    config, state = run.config, run.state
+    num_batches = run.train.num_batches
+    total, warmup = config.epochs * num_batches, round(config.warmup_epochs * num_batches)
+    sums = TrainSums(**state.partial) if state.partial else TrainSums()
+
+    def set_lr() -> None:
+        lr = lr_at(state.step, base=config.lr, total=total, warmup=warmup, floor=config.min_lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+
+    def after_step(step: Step) -> None:
+        state.step, state.batch = state.step + 1, step.batch
+        state.partial = {k: v for k, v in asdict(sums).items() if k != "skipped"}
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and step.batch < num_batches:
+            save(run, "last.pt")
+        progress(state.epoch, step)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return train_one_epoch(model, run.train.epoch(state.epoch, state.batch), run.optimizer, criterion=criterion,
+                           amp=run.amp, set_lr=set_lr, mix=make_mix(config, len(run.dataset.classes)), sums=sums,
+                           start_batch=state.batch, num_batches=num_batches, on_corrupt=config.on_corrupt,
+                           after_step=after_step)
+
+
+def make_mix(config: FitConfig, num_classes: int) -> Callable[..., Any] | None:
+    from torchvision.transforms import v2
+
+    mixes = [m for alpha, m in ((config.mixup, v2.MixUp), (config.cutmix, v2.CutMix)) if alpha > 0]
+    if not mixes:
+        return None
+    alphas = [a for a in (config.mixup, config.cutmix) if a > 0]
+    return v2.RandomChoice([m(alpha=a, num_classes=num_classes) for m, a in zip(mixes, alphas)])
+
+
+def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
+    loss, correct, seen, seconds, wait = all_sum([sums.loss, sums.correct, sums.seen, sums.seconds,
+                                                  sums.data_seconds], run.device)
+    world, total = run.dist.world, seconds + wait  # seconds: compute only; wait: blocked on the loader
+    return {"epoch": run.state.epoch + 1, "lr": run.optimizer.param_groups[-1]["lr"],
+            "train_loss": loss / max(seen, 1), "train_top1": correct / max(seen, 1),
+            "img_s": seen / max(total / world, 1e-9), "data_wait": wait / max(total, 1e-9),
+            "seconds": total / world, "skipped": len(sums.skipped)}
+
+
+def new_meter_for(dataset: Dataset, device: torch.device) -> EvalMeter:
+    _, maps = level_maps_from_manifest(dataset.classes, dataset.manifest.get("hierarchy"))
+    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps] or None)
+
+
+def val_columns(result: dict[str, Any], prefix: str = "val") -> dict[str, Any]:
+    row = {f"{prefix}_{k}": result[k] for k in ("loss", "top1", "top5")}
+    row |= {f"{prefix}_{name}": acc for name, acc in (result.get("level_acc") or {}).items()}
+    return row
+
+
+def judge(run: Run, row: dict[str, Any]) -> None:
+    """best.pt when the chosen metric improves; counts epochs without improvement for --patience."""
+    metric = run.config.metric if run.val is not None else "train_loss"
+    value = row.get(metric)
+    better = value is not None and (run.state.best is None or
+                                    (value < run.state.best if metric.endswith("loss") else value > run.state.best))
+    if better:
+        run.state.best, run.state.best_epoch, run.state.bad_epochs = value, row["epoch"], 0
+        save(run, "best.pt")
+    else:
+        run.state.bad_epochs += 1
+
+
+def finish(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
+    """Evaluate best.pt on the test split (else val) and write the confusion matrix and summary.json."""
+    barrier()
+    best = load_checkpoint(run.out / "best.pt") if (run.out / "best.pt").is_file() else None
+    summary: dict[str, Any] = {"best_epoch": run.state.best_epoch, "best": {run.config.metric: run.state.best},
+                               "epochs": run.state.epoch, "steps": run.state.step}
+    split = "test" if run.dataset.has_split("test") else (run.config.val_split if run.val is not None else None)
+    if best is not None and split is not None:
+        run.model.module.load_state_dict(best["model"])
+        spec = loader_spec(run.config, run.dataset, run.model, run.dist, run.device, split, False)
+        loader = make_loader(spec, run.config.loader)
+        meter = new_meter_for(run.dataset, run.device)
+        result = evaluate(run.model.module, loader.epoch(0), meter, amp=run.amp, num_batches=loader.num_batches,
+                          on_corrupt=run.config.on_corrupt, after_step=lambda s: progress(run.state.epoch, s))
+        summary[split] = {k: v for k, v in result.items()}
+        summary["evaluated_split"] = split
+        if run.dist.main:
+            write_confusion(meter.confusion.cpu(), run.dataset.class_names, run.out / "confusion.png")
+    if run.dist.main:
+        write_summary(summary, run.out / "summary.json")
+    return summary

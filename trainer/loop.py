@@ -1,0 +1,139 @@
+"""train_one_epoch and evaluate: plain functions over Batches (torchvision-references style).
+
+Both take a Loader epoch iterator, so they never know which backend decoded the images. Training
+keeps running sums (loss, correct, seen) in a dict that the checkpoint carries, so a run resumed in
+the middle of an epoch reports the same epoch metrics as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.data import Batch
+from trainer.errors import TrainError
+from trainer.metrics import EvalMeter
+
+
+@dataclass
+class Step:
+    """What the loop tells its caller after every batch (progress, checkpoints)."""
+
+    phase: str  # train | eval
+    batch: int  # batches done in this epoch
+    num_batches: int
+    samples: int
+    loss: float
+    seconds: float
+    data_seconds: float  # of which waiting for the loader
+
+
+@dataclass
+class Amp:
+    dtype: torch.dtype | None  # None: full precision
+    device_type: str
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+@dataclass
+class TrainSums:
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+
+
+def timed(batches: Iterator[Batch], sums: TrainSums) -> Iterator[Batch]:
+    """Yields batches and adds the time spent waiting for each to SUMS.data_seconds."""
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        sums.data_seconds += time.perf_counter() - start
+        yield batch
+
+
+def check_skips(batch: Batch, policy: str, sums: TrainSums) -> None:
+    if batch.skipped and policy == "fail":
+        where, why = batch.skipped[0]
+        raise TrainError(f"{where}: {why} (use --on-corrupt skip to count and go on)")
+    sums.skipped.extend(batch.skipped)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.optim.Optimizer, *,
+                    criterion: nn.Module, amp: Amp, set_lr: Callable[[], None], mix: Callable[..., Any] | None,
+                    sums: TrainSums, start_batch: int, num_batches: int, on_corrupt: str,
+                    after_step: Callable[[Step], None]) -> TrainSums:
+    """The caller puts MODEL in train mode (fit.set_frozen keeps a frozen backbone's BatchNorm in eval)."""
+    for index, batch in enumerate(timed(batches, sums), start=start_batch):
+        start = time.perf_counter()
+        check_skips(batch, on_corrupt, sums)
+        if not len(batch):  # every sample of it was corrupt and skipped (single process only: DDP would wait)
+            continue
+        set_lr()
+        images, targets = batch.images, batch.labels
+        if mix is not None and len(batch) > 1:
+            images, targets = mix(images, targets)
+        with amp.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if amp.scaler is not None:
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = len(batch)
+        sums.loss += loss.item() * n
+        sums.correct += int((logits.argmax(1) == batch.labels).sum())
+        sums.seen += n
+        sums.seconds += time.perf_counter() - start
+        after_step(Step("train", index + 1, num_batches, sums.seen, sums.loss / max(sums.seen, 1),
+                        sums.seconds + sums.data_seconds, sums.data_seconds))
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[Batch], meter: EvalMeter, *, amp: Amp, num_batches: int,
+             on_corrupt: str, after_step: Callable[[Step], None] | None = None,
+             on_batch: Callable[[Batch, torch.Tensor], None] | None = None) -> dict[str, Any]:
+    """Every sample of the split once; metrics reduced across ranks. ON_BATCH sees (batch, probabilities)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    sums = TrainSums()
+    for index, batch in enumerate(timed(batches, sums)):
+        start = time.perf_counter()
+        check_skips(batch, on_corrupt, sums)
+        if not len(batch):
+            continue
+        with amp.autocast():
+            logits = model(batch.images).float()
+        labelled = batch.labels >= 0
+        loss = criterion(logits[labelled], batch.labels[labelled]).item() if labelled.any() else 0.0
+        meter.update(logits, batch.labels, loss)
+        if on_batch is not None:
+            on_batch(batch, logits.softmax(1))
+        sums.seen += len(batch)
+        sums.seconds += time.perf_counter() - start
+        if after_step is not None:
+            after_step(Step("eval", index + 1, num_batches, sums.seen, 0.0, sums.seconds + sums.data_seconds,
+                            sums.data_seconds))
+    meter.reduce()
+    return meter.result() | {"skipped": len(sums.skipped)}

@@ -1,0 +1,5 @@
+"""Model registry: see registry.py."""
+
+from trainer.models.registry import BACKBONES, Model, create_model, register_backbone
+
+__all__ = ["BACKBONES", "Model", "create_model", "register_backbone"]

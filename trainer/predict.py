@@ -1,0 +1,142 @@
+"""evaluate and predict with a checkpoint: CKPT + DATA split -> metrics, or -> a predictions CSV.
+
+    checkpoint (config, classes, preprocessing) -> model -> eval loader over the split -> probabilities
+    per sample: key, group, true label, predicted label, probability
+    --group:    one row per group (product) from the mean of its images' probabilities: `_id,category_id`
+
+Grouping streams: a group's images are consecutive in the shards (pack writes a product's pictures
+together), so a group is written as soon as the worker reading it has moved past it; memory holds the
+open groups only, never the split.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import check_classes, load_checkpoint
+from trainer.data import Batch, LoaderSpec, make_loader
+from trainer.dataset import Dataset, open_dataset
+from trainer.fit import make_amp, new_meter_for, resolve_device
+from trainer.loop import evaluate
+from trainer.metrics import EvalMeter
+from trainer.models import create_model
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    dataset: Dataset
+    checkpoint: dict[str, Any]
+    device: torch.device
+
+
+def load_predictor(ckpt: str, data: str, device: str = "auto") -> Predictor:
+    checkpoint = load_checkpoint(ckpt)
+    dataset = open_dataset(data)
+    if dataset.classes:
+        check_classes(checkpoint, dataset.class_names, data)
+    config = checkpoint["config"]
+    model = create_model(config["model"], len(checkpoint["classes"]), "none")
+    model.module.load_state_dict(checkpoint["model"])
+    target = resolve_device(device)
+    model.module.to(target).to(memory_format=torch.channels_last).eval()
+    return Predictor(model.module, dataset, checkpoint, target)
+
+
+def eval_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
+    pre = p.checkpoint["preprocessing"]
+    return LoaderSpec(shards=tuple(p.dataset.shards(split)), batch_size=batch_size, image_size=pre["image_size"],
+                      mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=False,
+                      labelled=p.dataset.labelled(split), workers=workers, device=str(p.device),
+                      on_corrupt=p.checkpoint["config"]["on_corrupt"])
+
+
+def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int = 2,
+                        loader: str = "auto") -> tuple[dict[str, Any], EvalMeter]:
+    spec = eval_spec(p, split, batch_size, workers)
+    batches = make_loader(spec, loader)
+    meter = new_meter_for(p.dataset, p.device)
+    amp = make_amp(p.checkpoint["config"]["amp"], p.device)
+    result = evaluate(p.model, batches.epoch(0), meter, amp=amp, num_batches=batches.num_batches,
+                      on_corrupt=spec.on_corrupt)
+    return result, meter
+
+
+@dataclass
+class GroupMeans:
+    """Mean probabilities per group over a stream where batch i comes from worker i % workers.
+
+    A group is complete once its worker has yielded a later batch without it; groups met in a worker's
+    first batch may have started in the previous worker's range, so they wait for the end.
+    """
+
+    workers: int
+    open: dict[str, list[Any]] = field(default_factory=dict)  # group -> [prob sum, count, last batch, held]
+
+    def add(self, index: int, groups: list[str], probs: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        for group, row in zip(groups, probs.float().cpu()):
+            entry = self.open.setdefault(group, [torch.zeros_like(row), 0, index, index < self.workers])
+            entry[0] += row
+            entry[1] += 1
+            entry[2] = index
+        done = [g for g, e in self.open.items() if not e[3] and e[2] <= index - self.workers]
+        for group in done:
+            total, count, _, _ = self.open.pop(group)
+            yield group, total / count
+
+    def rest(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for group, (total, count, _, _) in self.open.items():
+            yield group, total / count
+        self.open.clear()
+
+
+def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size: int = 64, workers: int = 2,
+                loader: str = "auto") -> int:
+    """Writes OUT; returns the number of rows."""
+    spec = eval_spec(p, split, batch_size, workers)
+    batches = make_loader(spec, loader)
+    entries = p.checkpoint["class_entries"]
+    names = [str(e.get("category_id", e["name"])) for e in entries]
+    amp = make_amp(p.checkpoint["config"]["amp"], p.device)
+    bson = p.dataset.manifest["source"].get("format") == "bson"
+    rows = 0
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f, torch.no_grad():
+        writer = csv.writer(f)
+        if group:
+            writer.writerow(["_id" if bson else "group", "category_id" if "category_id" in entries[0] else "label"])
+        else:
+            writer.writerow(["key", "group", "label", "prediction", "probability"])
+        means = GroupMeans(max(workers, 1))
+        for index, batch in enumerate(batches.epoch(0)):
+            probs = _probabilities(p.model, batch, amp)
+            if group:
+                for g, mean in means.add(index, batch.groups, probs):
+                    writer.writerow([g, names[int(mean.argmax())]])
+                    rows += 1
+            else:
+                rows += _write_samples(writer, batch, probs, names)
+        for g, mean in means.rest():
+            writer.writerow([g, names[int(mean.argmax())]])
+            rows += 1
+    tmp.replace(out)
+    return rows
+
+
+def _probabilities(model: torch.nn.Module, batch: Batch, amp: Any) -> torch.Tensor:
+    with amp.autocast():
+        return model(batch.images).float().softmax(1)
+
+
+def _write_samples(writer: Any, batch: Batch, probs: torch.Tensor, names: list[str]) -> int:
+    top, index = probs.max(1)
+    for key, g, label, pred, prob in zip(batch.keys, batch.groups, batch.labels.tolist(), index.tolist(),
+                                         top.tolist()):
+        writer.writerow([key, g, names[label] if label >= 0 else "", names[pred], f"{prob:.4f}"])
+    return len(batch)
