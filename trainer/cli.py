@@ -29,7 +29,8 @@ HELP = {
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
     "min_lr": "Cosine floor as a fraction of --lr.",
     "freeze_epochs": "Train only the head for this many epochs (backbone frozen, its BatchNorm in eval).",
-    "label_smoothing": "Cross-entropy label smoothing.", "mixup": "MixUp alpha (0: off).", "cutmix": "CutMix alpha (0: off).",
+    "label_smoothing": "Cross-entropy label smoothing.",
+    "crop_scale": "Smallest area fraction of RandomResizedCrop (0.08 as on ImageNet; 0.25+ for short fine-tunes).", "mixup": "MixUp alpha (0: off).", "cutmix": "CutMix alpha (0: off).",
     "amp": "auto | bf16 | fp16 | none (auto: bf16 on CPUs and GPUs that have it).",
     "channels_last": "channels_last memory format.", "compile": "torch.compile the model.",
     "loader": "auto | torch | dali (auto: dali on a GPU when installed, else torch).",
@@ -41,6 +42,7 @@ HELP = {
     "on_corrupt": "fail: stop at a corrupt sample naming shard and key | skip: count it and go on.",
     "norm": "model: normalise with the backbone's mean/std | dataset: with the manifest's.",
     "device": "auto | cpu | cuda | cuda:N.", "seed": "Seed of the data order, augmentation and head init.",
+    "log_keys": "Write every training batch's sample keys to OUT/keys/rank-R.tsv (audit of exact epochs/resume).",
 }
 
 

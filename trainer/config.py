@@ -15,7 +15,7 @@ from trainer.errors import ConfigError
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
                 "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "warmup_epochs",
-                "mixup", "cutmix", "label_smoothing", "weight_decay", "amp", "norm")
+                "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
 
 
@@ -37,6 +37,7 @@ class FitConfig:
     min_lr: float = 0.01  # cosine floor, as a fraction of lr
     freeze_epochs: int = 1  # epochs training the head only, backbone frozen (BN in eval)
     label_smoothing: float = 0.1
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (ImageNet's 0.08; 0.25+ for short fine-tunes)
     mixup: float = 0.0  # alpha; 0 is off
     cutmix: float = 0.0
     amp: str = "auto"  # auto | bf16 | fp16 | none
@@ -54,6 +55,7 @@ class FitConfig:
     norm: str = "model"  # model: the backbone's mean/std | dataset: the manifest's
     device: str = "auto"
     seed: int = 0
+    log_keys: bool = False  # audit: OUT/keys/rank-R.tsv lists every training batch's sample keys
 
     def validate(self) -> FitConfig:
         choices = {"optimizer": ("adamw", "sgd"), "amp": ("auto", "bf16", "fp16", "none"),
@@ -65,6 +67,8 @@ class FitConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError("crop_scale must be in (0, 1]")
         if self.freeze_epochs < 0 or self.workers < 0 or self.image_size < 0 or self.lr <= 0:
             raise ConfigError("freeze_epochs, workers and image_size must be >= 0 and lr > 0")
         return self

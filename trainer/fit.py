@@ -22,6 +22,7 @@ from trainer.data import Loader, LoaderSpec, make_loader
 from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, barrier
 from trainer.errors import ConfigError
+from trainer.keylog import KeyLog
 from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
 from trainer.metrics import EvalMeter, RunLog, level_maps_from_manifest
 
@@ -56,6 +57,7 @@ class Run:
     val: Loader | None
     out: Path
     state: State = field(default_factory=State)
+    keys: KeyLog | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +98,7 @@ def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, d
     pre = preprocessing(config, dataset, model)
     return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
                       image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
+                      scale=(config.crop_scale, 1.0),
                       labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
                       device=str(device))
@@ -182,6 +185,8 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(config, out / "config.yaml")
     log = RunLog(out, resume_epoch=run.state.epoch if resume else None) if dist.main else None
+    if config.log_keys:
+        run.keys = KeyLog(out, dist.rank, run.state.step if resume else None)
     try:
         while run.state.epoch < config.epochs and not stop_early(run):
             row = run_epoch(run, progress)
@@ -192,6 +197,8 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
     finally:
         if log is not None:
             log.close()
+        if run.keys is not None:
+            run.keys.close()
 
 
 def stop_early(run: Run) -> bool:
@@ -233,6 +240,8 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
     def after_step(step: Step) -> None:
         state.step, state.batch = state.step + 1, step.batch
         state.partial = {k: v for k, v in asdict(sums).items() if k != "skipped"}
+        if run.keys is not None:
+            run.keys.write(state.epoch, state.step, step.keys)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0 and step.batch < num_batches:
             save(run, "last.pt")
         progress(state.epoch, step)

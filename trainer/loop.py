@@ -32,6 +32,7 @@ class Step:
     loss: float
     seconds: float
     data_seconds: float  # of which waiting for the loader
+    keys: list[str] = field(default_factory=list)  # the samples of this batch (train)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch
         sums.seen += n
         sums.seconds += time.perf_counter() - start
         after_step(Step("train", index + 1, num_batches, sums.seen, sums.loss / max(sums.seen, 1),
-                        sums.seconds + sums.data_seconds, sums.data_seconds))
+                        sums.seconds + sums.data_seconds, sums.data_seconds, batch.keys))
     return sums
 
 

@@ -1,0 +1,200 @@
+"""trainer fit / evaluate / predict end to end on a generated dataset, as a user runs them (subprocesses).
+
+The spine: an interrupted run (SIGKILL mid-epoch) resumed with --resume trains on exactly the same
+samples in the same order and ends with the same weights as a run that was never stopped; under
+torchrun with 2 processes every training sample is seen exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtool.synth import make_shapes
+from tests.conftest import run_cli
+from trainer.keylog import read_keys
+
+TINY = ["--model", "tiny_cnn", "--weights", "none", "--batch-size", "4", "--workers", "2", "--amp", "none",
+        "--freeze-epochs", "0", "--lr", "0.01", "--log-keys"]
+
+
+def trainer(*args: str | Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
+                            timeout=600, **kw)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes x 40 shapes: 120 train samples (30 batches of 4), a val and a test split, 10 per shard."""
+    source = make_shapes(tmp_path_factory.mktemp("src") / "shapes", per_class=40, size=64)
+    out = tmp_path_factory.mktemp("shards") / "shapes"
+    result = run_cli("pack", source, out, "--split", "val=0.125,test=0.125", "--stratify", "--shard-size", "10", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["num_samples"] == 120
+    return out
+
+
+def train_keys(data: Path) -> set[str]:
+    manifest = json.loads((data / "dataset.json").read_text())
+    keys = set()
+    for shard in manifest["splits"]["train"]["shards"]:
+        with tarfile.open(data / shard["name"]) as tar:
+            keys |= {m.name.split(".")[0] for m in tar}
+    return keys
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, tmp_path: Path) -> None:
+    args = [data, "--epochs", "3", "--checkpoint-every", "1", *TINY]
+    trainer("fit", args[0], tmp_path / "whole", *args[1:])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", str(data), str(killed), *map(str, args[1:])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = killed / "keys" / "rank-0.tsv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 45:  # epoch 2, batch 15 of 30
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(killed / "last.pt", weights_only=True)["state"]
+    assert state["epoch"] == 1 and 0 < state["batch"] < 30, state  # the kill landed inside epoch 2
+
+    trainer("fit", data, killed, "--resume")
+
+    whole, resumed = read_keys(tmp_path / "whole" / "keys" / "rank-0.tsv"), read_keys(log)
+    assert resumed == whole  # same samples, same order, nothing repeated or skipped
+    for epoch in resumed.values():
+        assert len(epoch) == len(set(epoch)) == 120 and set(epoch) == train_keys(data)
+    assert resumed[0] != resumed[1]  # and epochs are shuffled differently
+    a, b = weights(tmp_path / "whole"), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader(open(killed / "metrics.csv")))
+    whole_rows = list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # the killed epoch's row is written once
+    for column in ("train_loss", "train_top1", "val_loss", "val_top1"):
+        assert [r[column] for r in rows] == [r[column] for r in whole_rows], column
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_see_each_training_sample_once_per_epoch(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "trainer", "fit", str(data), str(out), "--epochs", "2", *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [read_keys(out / "keys" / f"rank-{r}.tsv") for r in (0, 1)]
+    for epoch in (0, 1):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert len(a) == len(b) == 60
+        assert not set(a) & set(b) and set(a) | set(b) == train_keys(data)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["num_samples"] == 20  # eval reduced over both ranks: every test sample once
+
+
+def test_fit_evaluate_predict_outputs(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = trainer("fit", data, run, "--epochs", "2", *TINY)
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "confusion.png", "summary.json", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert "test top-1" in result.stdout
+
+    evaluated = json.loads(trainer("evaluate", run / "best.pt", data, "--split", "test", "--json").stdout)
+    assert evaluated["num_samples"] == 20 and {"top1", "top5", "loss"} <= set(evaluated)
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluated["top1"] == pytest.approx(summary["test"]["top1"])
+
+    preds = tmp_path / "preds.csv"
+    trainer("predict", run / "best.pt", data, "--split", "val", "--out", preds)
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 20 and {r["prediction"] for r in rows} <= {"circle", "cross", "square", "triangle"}
+    assert all(r["label"] in {"circle", "cross", "square", "triangle"} for r in rows)
+
+
+def test_config_file_and_flags(data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model: tiny_cnn\nweights: none\nepochs: 3\nbatch-size: 8\namp: none\nworkers: 0\n")
+    trainer("fit", data, tmp_path / "run", "--config", config, "--epochs", "1")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "epochs: 1\n" in saved and "batch_size: 8\n" in saved and "model: tiny_cnn\n" in saved
+
+
+@pytest.mark.parametrize("case", ["not_output", "missing_split", "other_dataset", "bad_option", "run_exists"])
+def test_bad_input_gets_one_line(case: str, data: Path, tmp_path: Path) -> None:
+    args: list[str | Path]
+    if case == "not_output":
+        args = ["fit", tmp_path, tmp_path / "run", *TINY]
+    elif case == "missing_split":
+        args = ["fit", data, tmp_path / "run", "--train-split", "nope", *TINY]
+    elif case == "bad_option":
+        args = ["fit", data, tmp_path / "run", "--optimizer", "lion", *TINY]
+    elif case == "run_exists":
+        trainer("fit", data, tmp_path / "run", "--epochs", "1", *TINY)
+        args = ["fit", data, tmp_path / "run", "--epochs", "1", *TINY]
+    else:
+        other = tmp_path / "three"
+        shutil.copytree(data, other)
+        manifest = json.loads((other / "dataset.json").read_text())
+        manifest["classes"][0]["name"] = "hexagon"
+        (other / "dataset.json").write_text(json.dumps(manifest))
+        trainer("fit", data, tmp_path / "run", "--epochs", "1", *TINY)
+        args = ["evaluate", tmp_path / "run" / "best.pt", other]
+    result = trainer(*args, check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    expected = {"not_output": "not a shardtool output", "missing_split": "no split 'nope'",
+                "bad_option": "optimizer must be one of", "run_exists": "already holds a run",
+                "other_dataset": "other classes"}[case]
+    assert expected in lines[0]
+
+
+def corrupt_copy(data: Path, dest: Path) -> str:
+    """DATA with one training JPEG replaced by garbage (same member size, so offsets stay valid); its key."""
+    shutil.copytree(data, dest)
+    shard = dest / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data:member.offset_data + member.size] = b"\0" * member.size
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(raw))
+    return member.name.split(".")[0]
+
+
+def test_corrupt_sample_fails_with_shard_and_key_or_is_skipped_and_counted(data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    key = corrupt_copy(data, bad)
+    failed = trainer("fit", bad, tmp_path / "fail", "--epochs", "1", *TINY, check=False)
+    assert failed.returncode == 2 and "train-000000.tar" in failed.stderr and key in failed.stderr
+    trainer("fit", bad, tmp_path / "skip", "--epochs", "1", "--on-corrupt", "skip", *TINY)
+    rows = list(csv.DictReader(open(tmp_path / "skip" / "metrics.csv")))
+    assert int(rows[0]["skipped"]) == 1
+    seen = read_keys(tmp_path / "skip" / "keys" / "rank-0.tsv")[0]
+    assert len(seen) == 119 and key not in seen
