@@ -21,8 +21,10 @@ number of batches. Eval keeps the rank's whole share, each sample once.
 Resume (start_batch > 0): the skipped batches are read, decoded and dropped. Because the epoch's
 pipeline is deterministic, the batches that follow are exactly those of an uninterrupted epoch, at
 the cost of decoding the skipped ones (the torch loader skips without decoding). DALI's own
-checkpointing (enable_checkpointing, pipe.checkpoint()) would make this cheap, but its state would
-have to travel in the trainer's checkpoint, which the Loader protocol does not carry.
+checkpointing would make it cheap: with enable_checkpointing=True, a pipeline rebuilt from
+pipe.checkpoint() taken after batch k yields batches k+1... with the same keys and pixels (tried on
+DALI 2.4 CPU), but that string would have to travel in the trainer's checkpoint, and the Loader
+protocol has no place for it.
 
 Corrupt images: DALI stops the pipeline on the first undecodable image, so only --on-corrupt fail
 is supported; the error names the shard and key (found by replaying the reader without decoding).
@@ -34,6 +36,7 @@ import io
 import json
 import math
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,7 +132,10 @@ class DaliLoader:
         spec = self.spec
         shards = epoch_shards(spec.shards, spec.seed, epoch, shuffle=spec.train)
         seed = random.Random(f"{spec.seed}/{epoch}/{spec.rank}/dali").randrange(2**31)
-        pipe = build_pipeline(spec, shards, seed, self.device_id)
+        try:
+            pipe = build_pipeline(spec, shards, seed, self.device_id)
+        except RuntimeError as error:  # a missing or unreadable .idx or shard
+            raise TrainError(f"DALI cannot open the shards: {dali_reason(error)}") from None
         for index in range(self.num_batches):
             try:
                 outputs = pipe.run()
@@ -165,6 +171,11 @@ class DaliLoader:
             where = None
         if where:
             return f"corrupt image {where}: DALI cannot decode it; rerun with --loader torch --on-corrupt skip"
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reasons = [line for line in lines if "rror" in line and not line.startswith("Critical")]
-        return f"DALI stopped at batch {batch}: {(reasons or lines or ['no reason given'])[-1]}"
+        return f"DALI stopped at batch {batch}: {dali_reason(error)}"
+
+
+def dali_reason(error: RuntimeError) -> str:
+    """The line of a DALI error that says what went wrong, after the pipeline traceback it quotes."""
+    after = str(error).split("encountered:", 1)[-1]
+    line = next((line.strip() for line in after.splitlines() if line.strip()), "no reason given")
+    return re.sub(r'^Assert on ".*?" failed: ', "", line)
