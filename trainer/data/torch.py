@@ -98,7 +98,7 @@ def decode(sample: dict[str, Any], spec: LoaderSpec, epoch: int) -> tuple[torch.
     except RuntimeError as error:
         raise ValueError(f"undecodable image: {str(error).splitlines()[0]}") from None
     rng = random.Random(f"{spec.seed}/{epoch}/{key}") if spec.train else None
-    label = int(sample["cls"]) if "cls" in sample else -1
+    label = int(sample["cls"]) if spec.labelled and "cls" in sample else -1
     meta = json.loads(sample["json"]) if "json" in sample else {}
     group = str(meta.get("group", meta.get("_id", key)))
     return transform(image, spec, rng), label, key, group
