@@ -198,3 +198,48 @@ def test_corrupt_sample_fails_with_shard_and_key_or_is_skipped_and_counted(data:
     assert int(rows[0]["skipped"]) == 1
     seen = read_keys(tmp_path / "skip" / "keys" / "rank-0.tsv")[0]
     assert len(seen) == 119 and key not in seen
+
+
+def test_cdiscount_example_reports_level_accuracy_and_predicts_one_row_per_product(real_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The real dump: per-level accuracy in metrics.csv, and a `_id,category_id` file for labelled and
+    unlabelled dumps with one row per product of the split."""
+    bson = pytest.importorskip("bson")
+    dump, names = real_data / "cdiscount" / "train_example.bson", real_data / "cdiscount" / "category_names.csv"
+    if not dump.is_file():
+        pytest.skip("cdiscount/train_example.bson not in the real data")
+    shards = tmp_path / "shards"
+    assert run_cli("pack", dump, shards, "--categories", names, "--split", "val=0.2").exit_code == 0
+    run = tmp_path / "run"
+    result = trainer("fit", shards, run, "--epochs", "1", "--image-size", "64", *TINY)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert {"val_category_level1", "val_category_level2"} <= set(rows[0])
+    level1, level2, top1 = (float(rows[0][c]) for c in ("val_category_level1", "val_category_level2", "val_top1"))
+    assert level1 >= level2 >= top1  # a right class is right at every level above it
+    assert "category_level1" in result.stdout  # the final evaluation prints them too
+
+    manifest = json.loads((shards / "dataset.json").read_text())
+    val_products = set()
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(shards / shard["name"]) as tar:
+            val_products |= {json.loads(tar.extractfile(m).read())["group"] for m in tar if m.name.endswith(".json")}
+    category_ids = {str(c["category_id"]) for c in manifest["classes"]}
+    preds = tmp_path / "val.csv"
+    trainer("predict", run / "best.pt", shards, "--split", "val", "--group", "--out", preds)
+    rows = list(csv.DictReader(open(preds)))
+    assert list(rows[0]) == ["_id", "category_id"]
+    assert sorted(r["_id"] for r in rows) == sorted(val_products)  # every product once
+    assert {r["category_id"] for r in rows} <= category_ids
+
+    with open(dump, "rb") as f:  # test.bson's shape: the same products without category_id
+        docs = [{k: v for k, v in doc.items() if k != "category_id"} for doc in bson.decode_file_iter(f)]
+    unlabelled = tmp_path / "test.bson"
+    unlabelled.write_bytes(b"".join(bson.encode(doc) for doc in docs))
+    test_shards = tmp_path / "test_shards"
+    assert run_cli("pack", unlabelled, test_shards).exit_code == 0
+    split = next(iter(json.loads((test_shards / "dataset.json").read_text())["splits"]))
+    preds = tmp_path / "test.csv"
+    trainer("predict", run / "best.pt", test_shards, "--split", split, "--group", "--out", preds)
+    rows = list(csv.DictReader(open(preds)))
+    assert sorted(r["_id"] for r in rows) == sorted(str(doc["_id"]) for doc in docs)
+    assert {r["category_id"] for r in rows} <= category_ids

@@ -23,7 +23,9 @@ HELP = {
     "model": "Backbone: efficientnet_lite0 (offline), tiny_cnn, a torchvision or a timm name.",
     "weights": "imagenet | none | PATH of a state dict (torchvision/timm imagenet weights need the network).",
     "epochs": "Epochs in all.", "batch_size": "Samples per batch on each process.",
-    "image_size": "Side the model sees [0: the model's own].", "optimizer": "adamw | sgd.",
+    "image_size": "Side the model trains on [0: the model's own].",
+    "eval_image_size": "Side for validation, test and predict [0: --image-size]; a little above it often "
+                       "scores higher after RandomResizedCrop training (FixRes).", "optimizer": "adamw | sgd.",
     "lr": "Peak LR of the head; the backbone gets lr x --backbone-lr-mult.",
     "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Decoupled weight decay.",
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",

@@ -28,6 +28,7 @@ class FitConfig:
     epochs: int = 10
     batch_size: int = 32
     image_size: int = 0  # 0: the model's own input size
+    eval_image_size: int = 0  # side for val/test/predict; 0: image_size (FixRes: a bit above it often scores higher)
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1
@@ -69,8 +70,8 @@ class FitConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError("crop_scale must be in (0, 1]")
-        if self.freeze_epochs < 0 or self.workers < 0 or self.image_size < 0 or self.lr <= 0:
-            raise ConfigError("freeze_epochs, workers and image_size must be >= 0 and lr > 0")
+        if self.freeze_epochs < 0 or self.workers < 0 or min(self.image_size, self.eval_image_size) < 0 or self.lr <= 0:
+            raise ConfigError("freeze_epochs, workers, image_size and eval_image_size must be >= 0 and lr > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,14 +90,17 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
         if "mean" not in norm:
             raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header)")
         mean, std = tuple(norm["mean"]), tuple(norm["std"])
-    return {"image_size": config.image_size or model.input_size, "mean": list(mean), "std": list(std)}
+    train_size = config.image_size or model.input_size
+    return {"image_size": config.eval_image_size or train_size, "train_image_size": train_size,
+            "mean": list(mean), "std": list(std)}
 
 
 def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, device: torch.device,
                 split: str, train: bool) -> LoaderSpec:
     pre = preprocessing(config, dataset, model)
     return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
-                      image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
+                      image_size=pre["train_image_size" if train else "image_size"],
+                      mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
                       scale=(config.crop_scale, 1.0),
                       labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
@@ -274,8 +277,8 @@ def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
 
 
 def new_meter_for(dataset: Dataset, device: torch.device) -> EvalMeter:
-    _, maps = level_maps_from_manifest(dataset.classes, dataset.manifest.get("hierarchy"))
-    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps] or None)
+    names, maps = level_maps_from_manifest(dataset.classes, dataset.manifest.get("hierarchy"))
+    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps], names)
 
 
 def val_columns(result: dict[str, Any], prefix: str = "val") -> dict[str, Any]:
