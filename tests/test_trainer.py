@@ -25,6 +25,7 @@ import torch
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
 from trainer.keylog import read_keys
+from trainer.models import create_model
 
 TINY = ["--model", "tiny_cnn", "--weights", "none", "--batch-size", "4", "--workers", "2", "--amp", "none",
         "--freeze-epochs", "0", "--lr", "0.01", "--log-keys"]
@@ -143,6 +144,22 @@ def test_config_file_and_flags(data: Path, tmp_path: Path) -> None:
     trainer("fit", data, tmp_path / "run", "--config", config, "--epochs", "1")
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "epochs: 1\n" in saved and "batch_size: 8\n" in saved and "model: tiny_cnn\n" in saved
+
+
+def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics(data: Path, tmp_path: Path) -> None:
+    pretrained = create_model("tiny_cnn", 4, "none").module.state_dict()
+    stats = [k for k in pretrained if k.endswith(("running_mean", "running_var"))]
+    for k in stats:
+        pretrained[k] = torch.rand_like(pretrained[k]) + 0.5
+    torch.save(pretrained, tmp_path / "pretrained.pt")
+    args = ["--epochs", "1", *TINY, "--weights", tmp_path / "pretrained.pt"]
+    trainer("fit", data, tmp_path / "kept", *args)  # --freeze-bn is the default with pretrained weights
+    trainer("fit", data, tmp_path / "updated", *args, "--no-freeze-bn")
+    kept, updated = weights(tmp_path / "kept"), weights(tmp_path / "updated")
+    assert len(stats) == 6  # tiny_cnn's three BatchNorms
+    assert all(torch.equal(kept[k], pretrained[k]) for k in stats)
+    assert not any(torch.equal(updated[k], pretrained[k]) for k in stats)
+    assert not torch.equal(kept["0.weight"], pretrained["0.weight"])  # while the convolutions learn
 
 
 @pytest.mark.parametrize("case", ["not_output", "missing_split", "other_dataset", "bad_option", "run_exists"])

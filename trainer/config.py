@@ -14,7 +14,7 @@ from trainer.errors import ConfigError
 
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
-                "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "warmup_epochs",
+                "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "freeze_bn", "warmup_epochs",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
 
@@ -30,15 +30,16 @@ class FitConfig:
     image_size: int = 0  # 0: the model's own input size
     eval_image_size: int = 0  # side for val/test/predict; 0: image_size (FixRes: a bit above it often scores higher)
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
+    lr: float = 5e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1
     weight_decay: float = 0.05
     momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     min_lr: float = 0.01  # cosine floor, as a fraction of lr
-    freeze_epochs: int = 1  # epochs training the head only, backbone frozen (BN in eval)
+    freeze_epochs: int = 2  # epochs training the head only, backbone frozen (BN in eval)
+    freeze_bn: bool = True  # keep the pretrained BN running statistics for the whole run (not with weights none)
     label_smoothing: float = 0.1
-    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (ImageNet's 0.08; 0.25+ for short fine-tunes)
+    crop_scale: float = 0.3  # RandomResizedCrop's smallest area fraction (ImageNet training uses 0.08)
     mixup: float = 0.0  # alpha; 0 is off
     cutmix: float = 0.0
     amp: str = "auto"  # auto | bf16 | fp16 | none

@@ -122,12 +122,13 @@ def make_optimizer(config: FitConfig, model: Model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def set_frozen(model: Model, frozen: bool) -> None:
-    """Frozen: only the head learns and the backbone's BatchNorm keeps its running statistics."""
+def set_frozen(model: Model, frozen: bool, freeze_bn: bool = False) -> None:
+    """Frozen: only the head learns. The backbone's BatchNorm keeps its running statistics while frozen,
+    and for the whole run with FREEZE_BN (its affine weights still learn once unfrozen)."""
     for p in model.backbone_parameters():
         p.requires_grad_(not frozen)
     model.module.train()
-    if frozen:
+    if frozen or freeze_bn:
         for module in model.module.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -210,7 +211,7 @@ def stop_early(run: Run) -> bool:
 
 def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
     config, state, epoch = run.config, run.state, run.state.epoch
-    set_frozen(run.model, epoch < config.freeze_epochs)
+    set_frozen(run.model, epoch < config.freeze_epochs, config.freeze_bn and config.weights != "none")
     model: nn.Module = run.model.module
     if run.dist.world > 1:  # rebuilt per epoch: the trainable set changes when the backbone unfreezes
         model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
