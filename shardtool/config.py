@@ -14,6 +14,7 @@ RESIZE_MODES = ("none", "shorter", "longer", "fit", "pad", "squash")
 FORMATS = ("auto", "folder", "csv", "pixels", "bson")
 VERIFY_MODES = ("full", "header")
 ENCODINGS = ("auto", "jpg", "png")
+BACKENDS = ("auto", "dali", "pil")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class PackConfig:
     categories: str | None = None
     encode: str = "auto"
     verify: str = "full"
+    backend: str = "auto"  # decode/resize: dali (GPU when present), pil, or auto (see process/dali.py)
     quality: int = 90
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     split: dict[str, float] = field(default_factory=dict)
@@ -121,6 +123,8 @@ class PackConfig:
             raise ConfigError("--max-skip-fraction must be between 0 and 1")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.categories is not None and not Path(self.categories).is_file():
             raise ConfigError(f"--categories {self.categories} does not exist")
         if self.csv.channel_order not in ("interleaved", "planar"):

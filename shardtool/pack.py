@@ -4,7 +4,7 @@
     items = known_categories(items, categories)  # labels missing from --categories become skips
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
-    items = ordered_map(encode_batch, items)     # worker processes: decode, RGB, resize, encode, tar members
+    items = ordered_map(encode_batch, items)     # worker processes: decode, RGB, resize (PIL or DALI), encode, tar members
 
 For a reader with byte-range partitions (a BSON dump) the workers do the reading too, so splits are
 assigned after the workers (see packed_items).
@@ -35,7 +35,8 @@ from shardtool.journal import Journal
 from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
 from shardtool.parallel import ordered_map
-from shardtool.process.pil import OutputSpec, process_batch
+from shardtool.process import dali, pil
+from shardtool.process.pil import OutputSpec
 from shardtool.readers import Reader, open_reader
 from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink, with_block
@@ -119,8 +120,9 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     fmt, reader = open_reader(config)
     categories = read_categories(config.categories, config.csv.encoding) if config.categories else None
     encode = config.encode if config.encode != "auto" else ("png" if fmt == "pixels" else "jpg")
-    identity = {**config.identity(), "format": fmt, "encode": encode, "pillow": PIL.__version__,
-                "shardtool": __version__}
+    backend = dali.choose_backend(config.backend)  # "pil", "dali-cpu" or "dali-gpu"
+    identity = {**config.identity(), "format": fmt, "encode": encode, "backend": backend, "pillow": PIL.__version__,
+                "shardtool": __version__} | ({"dali": dali.version()} if backend != "pil" else {})
     if not reader.labelled and (config.split or config.stratify):
         raise ConfigError(f"{config.source} has no labels: its samples all go to the split 'unlabelled'; "
                           "drop --split/--stratify")
@@ -133,7 +135,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     tree = hierarchy(classes, categories)
     journal = prepare_out(config, identity)
     splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
-    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify)
+    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
     done = journal.consumed()
     sinks: dict[str, SplitSink] = {}
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
@@ -173,6 +175,7 @@ def packed_items(reader: Reader, categories: Categories | None, splitter: Splitt
 
 def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, int | None]) -> list[Item]:
     """In a worker: check and encode each image, then build its tar members (the writer only appends)."""
+    process_batch = pil.process_batch if spec.backend == "pil" else dali.process_batch
     return [with_block(item, classes) for item in process_batch(items, spec)]
 
 

@@ -32,6 +32,7 @@ class OutputSpec:
     quality: int
     max_pixels: int
     verify: str = "full"  # or "header": inputs already in the output spec are copied after a header parse
+    backend: str = "pil"  # or "dali-cpu" / "dali-gpu": shardtool/process/dali.py decodes and resizes
 
 
 def process(item: Item, spec: OutputSpec) -> Item:
@@ -40,7 +41,7 @@ def process(item: Item, spec: OutputSpec) -> Item:
     data = load_bytes(item)
     if isinstance(data, Skip):
         return data
-    if spec.verify == "header" and item.raw_shape is None and (copied := _jpeg_header_copy(item, data, spec)):
+    if spec.verify == "header" and item.raw_shape is None and (copied := jpeg_header_copy(item, data, spec)):
         return copied
     if item.raw_shape is not None:
         image, source_format = Image.fromarray(_raw_array(data, item.raw_shape)), None
@@ -49,19 +50,19 @@ def process(item: Item, spec: OutputSpec) -> Item:
         if isinstance(opened, Skip):
             return opened
         image, source_format = opened, opened.format
-        if spec.verify == "header" and _conforms(image, data, spec):
+        if spec.verify == "header" and conforms(image, data, spec):
             return item.with_(data=data, path=None, ext=spec.encode,
                               meta={**item.meta, "width": image.width, "height": image.height})
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             return Skip("corrupt_image", item.key, item.source, f"decode: {error}", item.group, item.split)
-    upright = _orientation(image) in (None, 1)
+    upright = orientation(image) in (None, 1)
     rgb = to_rgb(ImageOps.exif_transpose(image) if not upright else image)
     geometry = plan(*rgb.size, spec.resize)
     out = rgb if geometry.identity else apply(rgb, geometry)
     keep = (source_format in ("JPEG", "MPO") and spec.encode == "jpg" or source_format == "PNG" and spec.encode == "png")
-    if keep and upright and image.mode == "RGB" and geometry.identity and not _has_alpha(image):
+    if keep and upright and image.mode == "RGB" and geometry.identity and not has_alpha(image):
         encoded = data
     else:
         encoded = encode(out, spec)
@@ -73,7 +74,7 @@ def process(item: Item, spec: OutputSpec) -> Item:
                       stats=(tuple(stat.sum), tuple(stat.sum2), out.width * out.height))
 
 
-def _jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | None:
+def jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | None:
     """--verify header, JPEG fast path: libjpeg-turbo reads the markers up to the scan (~2 us, no pixels).
 
     None when the input is not a JPEG we would copy; the caller then takes the full path.
@@ -91,9 +92,9 @@ def _jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | N
     return item.with_(data=data, path=None, ext="jpg", meta={**item.meta, "width": width, "height": height})
 
 
-def _conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
+def conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
     """From the header alone: what we would write already (format, RGB, upright, size), and not cut off."""
-    if image.mode != "RGB" or _has_alpha(image) or _orientation(image) not in (None, 1):
+    if image.mode != "RGB" or has_alpha(image) or orientation(image) not in (None, 1):
         return False
     if not plan(*image.size, spec.resize).identity:
         return False
@@ -117,14 +118,14 @@ def _raw_array(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     return array[:, :, 0] if shape[2] == 1 else array
 
 
-def _orientation(image: Image.Image) -> int | None:
+def orientation(image: Image.Image) -> int | None:
     try:
         return image.getexif().get(0x0112)
     except (OSError, SyntaxError, ValueError):  # a broken EXIF block is not a broken image
         return None
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
@@ -134,7 +135,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max() > 255 or image.mode != "I" else 255.0
         image = Image.fromarray(np.clip(np.rint(array * 255.0 / peak), 0, 255).astype(np.uint8))
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -1,0 +1,228 @@
+"""The DALI processor: pil.process_batch's contract (items in, encoded Sample | Skip out, in order), with
+decoding and resizing done by DALI, the decoder family the trainer's DALI loader uses.
+
+    item -> load_bytes, open_image (PIL parses the header only: exists, an image, not a bomb) -> Skip | job
+         -> DALI gets what its decoder turns into the same RGB as pil.to_rgb (_dali_decodes); the rest
+            (alpha, palettes, GIF, raw pixel rows, ...) goes through pil.process unchanged
+    jobs -> one pipeline run per batch of 32, one definition, the device is a switch:
+              fn.decoders.image(RGB, EXIF orientation applied)   device "cpu", or "mixed" (nvJPEG) on a GPU
+              fn.resize(geometry.plan's scaled size, linear, antialiased), as PIL's BILINEAR
+              fn.slice(the plan's canvas, black where uncovered)  fit crops, pad pads, the rest is a no-op
+         -> uint8 H x W x 3 on the host -> JPEG (simplejpeg) or PNG (PIL); the input bytes when they already fit
+
+DALI stops a whole batch on one undecodable image, and the pipeline with it. A failed batch is split in
+halves and each half run again on a fresh pipeline, down to the image that fails, which becomes one
+`corrupt_image` skip; every other image of the batch is packed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from shardtool.errors import ConfigError
+from shardtool.process import pil
+from shardtool.process.checks import load_bytes, open_image
+from shardtool.process.geometry import Plan, plan
+from shardtool.sample import Item, Sample, Skip
+
+MAX_BATCH = 32  # pack hands over 32 items at a time (parallel.ordered_map)
+CPU_AUTO = "pil"  # --backend auto without a GPU: the faster on CPU here (benchmarks/pack_backends.py, README)
+# Modes, per format, that DALI decodes to the same RGB as pil.to_rgb (tests/test_dali_backend.py checks them):
+# grey replicated, CMYK JPEGs converted, 16-bit PNGs scaled by 255/65535 and rounded, EXIF orientation applied.
+# Everything else takes the PIL path: alpha or a transparent colour (DALI drops alpha where we composite on
+# white), palettes, PIL's 32-bit modes, GIF (DALI has no GIF decoder), and raw pixel rows (not encoded).
+DALI_MODES = {"JPEG": {"RGB", "L", "CMYK"}, "MPO": {"RGB", "L", "CMYK"}, "PNG": {"RGB", "L", "I;16"},
+              "WEBP": {"RGB"}, "BMP": {"RGB", "L"}, "TIFF": {"RGB", "L"}}
+_QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_pipelines: dict[str, Any] = {}  # one built pipeline per backend in this process
+
+
+@dataclass(frozen=True)
+class _Job:
+    item: Sample
+    data: bytes
+    geometry: Plan
+    keep: bool  # already what we write: the input bytes are copied once DALI has decoded them
+
+
+def choose_backend(requested: str) -> str:
+    """--backend auto|dali|pil -> "pil", "dali-cpu" or "dali-gpu"; one clear line when DALI is missing."""
+    gpu = cuda_devices() > 0
+    if requested == "pil" or requested == "auto" and not gpu and CPU_AUTO == "pil":
+        return "pil"
+    if importlib.util.find_spec("nvidia.dali") is None:
+        if requested == "dali":
+            raise ConfigError("--backend dali needs NVIDIA DALI, which is not installed: "
+                              "pip install 'shardtool[dali]', or use --backend pil")
+        return "pil"
+    return "dali-gpu" if gpu else "dali-cpu"
+
+
+def cuda_devices() -> int:
+    """CUDA devices the driver sees, 0 without one; asks libcuda directly (importing DALI takes 0.7 s)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def version() -> str:
+    import nvidia.dali
+
+    return nvidia.dali.__version__
+
+
+def process_batch(items: list[Item], spec: pil.OutputSpec) -> list[Item]:
+    """Each item checked, decoded, resized and encoded, in order; DALI batches of up to MAX_BATCH."""
+    results: list[Item | _Job] = [_screen(item, spec) for item in items]
+    jobs = [(index, job) for index, job in enumerate(results) if isinstance(job, _Job)]
+    for start in range(0, len(jobs), MAX_BATCH):
+        chunk = jobs[start:start + MAX_BATCH]
+        for (index, job), pixels in zip(chunk, _decode([job for _, job in chunk], spec.backend)):
+            results[index] = _finish(job, pixels, spec)
+    return results  # type: ignore[return-value]  # every _Job was replaced
+
+
+def _screen(item: Item, spec: pil.OutputSpec) -> Item | _Job:
+    """The cheap checks of the PIL path; a Skip, a finished Sample, or a job for DALI."""
+    if isinstance(item, Skip) or item.raw_shape is not None:
+        return pil.process(item, spec)
+    data = load_bytes(item)
+    if isinstance(data, Skip):
+        return data
+    if spec.verify == "header" and (copied := pil.jpeg_header_copy(item, data, spec)):
+        return copied
+    image = open_image(item, data, spec.max_pixels)
+    if isinstance(image, Skip):
+        return image
+    if spec.verify == "header" and pil.conforms(image, data, spec):
+        return item.with_(data=data, path=None, ext=spec.encode,
+                          meta={**item.meta, "width": image.width, "height": image.height})
+    if image.format in ("JPEG", "MPO") and (damage := _jpeg_damage(data)):
+        return Skip("corrupt_image", item.key, item.source, f"decode: {damage}", item.group, item.split)
+    turn = pil.orientation(image)
+    if not _dali_decodes(image, turn):
+        return pil.process(item.with_(data=data, path=None), spec)
+    width, height = (image.height, image.width) if turn in _QUARTER_TURNS else image.size
+    geometry = plan(width, height, spec.resize)
+    same_format = image.format in ("JPEG", "MPO") and spec.encode == "jpg" or image.format == "PNG" and spec.encode == "png"
+    keep = same_format and turn in (None, 1) and image.mode == "RGB" and geometry.identity
+    return _Job(item, data, geometry, keep)
+
+
+def _jpeg_damage(data: bytes) -> str | None:
+    """What is wrong with a JPEG's compressed data, if anything: a strict libjpeg-turbo pass at 1/8 scale.
+
+    DALI's CPU decoder decodes a JPEG with garbage inside its entropy-coded data, with warnings on stderr
+    and garbage pixels, where PIL raises; so the rule "bad data is a counted skip" needs its own check.
+    Scaling in the DCT domain makes this pass a third of a full decode (306 vs 923 us at 400x533 here);
+    it found nothing to reject in clothing-small and the FB images (5,281 JPEGs).
+    """
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        out = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(colorspace, "RGB")
+        simplejpeg.decode_jpeg(data, colorspace=out, strict=True, min_height=1, min_width=1)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _dali_decodes(image: Image.Image, turn: int | None) -> bool:
+    """DALI gives this image the same RGB pixels as the PIL path (EXIF orientation: JPEGs only)."""
+    if image.mode not in DALI_MODES.get(image.format or "", ()) or pil.has_alpha(image):
+        return False
+    return turn in (None, 1) or image.format in ("JPEG", "MPO")
+
+
+def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
+    """Each job's RGB pixels at its planned size, or why DALI could not decode it (failed batches bisected)."""
+    try:
+        return _run(jobs, backend)
+    except RuntimeError as error:  # how DALI reports an operator's failure; the pipeline is unusable after it
+        _pipelines.pop(backend, None)
+        if len(jobs) == 1:
+            return [_reason(error)]
+        half = len(jobs) // 2
+        return _decode(jobs[:half], backend) + _decode(jobs[half:], backend)
+
+
+def _run(jobs: list[_Job], backend: str) -> list[np.ndarray]:
+    if backend not in _pipelines:
+        _pipelines[backend] = _build(backend)
+    pipe = _pipelines[backend]
+    pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
+    pipe.feed_input("size", [np.array(job.geometry.scaled[::-1], np.float32) for job in jobs])  # DALI: (H, W)
+    pipe.feed_input("anchor", [-np.array(job.geometry.offset[::-1], np.float32) for job in jobs])
+    pipe.feed_input("shape", [np.array(job.geometry.canvas[::-1], np.float32) for job in jobs])
+    (images,) = pipe.run()
+    if backend == "dali-gpu":
+        images = images.as_cpu()
+    return [np.array(images.at(i)) for i in range(len(jobs))]
+
+
+def _build(backend: str) -> Any:
+    """The pipeline: encoded bytes + per-sample size, crop anchor and canvas in; uint8 HWC RGB out."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = backend == "dali-gpu"
+    # In a pack worker process the other cores have workers of their own; in-process, DALI's threads use them.
+    threads = 1 if multiprocessing.parent_process() else os.cpu_count() or 1
+
+    @pipeline_def(batch_size=MAX_BATCH, num_threads=threads, device_id=0 if gpu else None, exec_async=False,
+                  exec_pipelined=False, prefetch_queue_depth=1)
+    def resize_pipeline() -> Any:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        size, anchor, shape = (fn.external_source(name=name, dtype=types.FLOAT) for name in ("size", "anchor", "shape"))
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False, normalized_shape=False,
+                        out_of_bounds_policy="pad", fill_values=0)
+
+    pipe = resize_pipeline()
+    pipe.build()
+    return pipe
+
+
+def _reason(error: RuntimeError) -> str:
+    """The first line of what DALI 'encountered' (the decoder's own message), else its last line."""
+    text = str(error)
+    lines = [line.strip() for line in (text.partition("encountered:")[2] or text).splitlines() if line.strip()]
+    return lines[0] if lines else "undecodable"
+
+
+def _finish(job: _Job, pixels: np.ndarray | str, spec: pil.OutputSpec) -> Item:
+    item = job.item
+    if isinstance(pixels, str):
+        return Skip("corrupt_image", item.key, item.source, f"DALI decode: {pixels}", item.group, item.split)
+    encoded, written = (job.data, pixels) if job.keep else _encode(pixels, spec)
+    meta = {**item.meta, "width": written.shape[1], "height": written.shape[0]}
+    return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta, stats=_stats(written))
+
+
+def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, np.ndarray]:
+    """(bytes, what a reader decodes from them): JPEG is lossy, so the stats come from a decode, as in pil.py.
+
+    PIL's encoder, as the PIL path: the same pixels give the same bytes. simplejpeg's encode_jpeg is 1.6x
+    faster (200 vs 320 us at 256x341) but its libjpeg-turbo build writes other pixels (mean difference
+    0.5 per channel), which would make the two backends' outputs differ by more than their resizes do.
+    """
+    data = pil.encode(Image.fromarray(pixels), spec)
+    return data, simplejpeg.decode_jpeg(data) if spec.encode == "jpg" else pixels  # = PIL's decode, 2x faster
+
+
+def _stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    flat = pixels.reshape(-1, 3).astype(np.int64)
+    return tuple(map(float, flat.sum(0))), tuple(map(float, (flat * flat).sum(0))), len(flat)
