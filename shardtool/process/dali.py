@@ -8,7 +8,7 @@ decoding and resizing done by DALI, the decoder family the trainer's DALI loader
               fn.decoders.image(RGB, EXIF orientation applied)   device "cpu", or "mixed" (nvJPEG) on a GPU
               fn.resize(geometry.plan's scaled size, linear, antialiased), as PIL's BILINEAR
               fn.slice(the plan's canvas, black where uncovered)  fit crops, pad pads, the rest is a no-op
-         -> uint8 H x W x 3 on the host -> JPEG (simplejpeg) or PNG (PIL); the input bytes when they already fit
+         -> uint8 H x W x 3 on the host -> JPEG or PNG by PIL's encoder, as the PIL path; the input bytes when they already fit
 
 DALI stops a whole batch on one undecodable image, and the pipeline with it. A failed batch is split in
 halves and each half run again on a fresh pipeline, down to the image that fails, which becomes one
