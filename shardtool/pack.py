@@ -28,6 +28,7 @@ from typing import Any
 import PIL
 
 from shardtool import __version__
+from shardtool.background import Background
 from shardtool.classes import Categories, class_entries, hierarchy, known_categories, read_categories
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
@@ -41,6 +42,7 @@ from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink, with_block
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
+SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
 _OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
 
 
@@ -139,19 +141,22 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
 
-    for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index), done,
-                             config.workers):
-        split = item.split or "train"
-        if split not in sinks:
-            sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
-        sinks[split].add(item)
-        counts.done += 1
-        counts.skipped += isinstance(item, Skip)
-        counts.written += isinstance(item, Sample)
-        if progress:
-            progress(counts)
-    for sink in sinks.values():
-        sink.close()
+    # Two threads beside this loop: one writes and hashes shard bytes, the other fsyncs and journals them.
+    with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
+        for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index),
+                                 done, config.workers):
+            split = item.split or "train"
+            if split not in sinks:
+                sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size,
+                                         config.shard_bytes, writes, seals)
+            sinks[split].add(item)
+            counts.done += 1
+            counts.skipped += isinstance(item, Skip)
+            counts.written += isinstance(item, Sample)
+            if progress:
+                progress(counts)
+        for sink in sinks.values():
+            sink.close()
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
