@@ -94,8 +94,8 @@ class TarShard:
         """A sample's members, written (and hashed) as one piece; its index line gets shard offsets."""
         base = self.bytes_written
         self._write(block.data)
-        self.index_lines.append(" ".join(f"{ext} {base + offset} {size} {name}"
-                                         for ext, offset, size, name in block.members))
+        self.index_lines.append(" ".join([f"{ext} {base + offset} {size} {name}"
+                                          for ext, offset, size, name in block.members]))
 
     def end(self) -> int:
         """Finish the archive (two zero blocks, padded to a record) and flush it; returns its size."""
