@@ -42,6 +42,7 @@ from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink, with_block
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
+PARALLEL_SCAN_BYTES = 8 << 30  # auto: smaller dumps are scanned in-process (see _scan_workers)
 SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
 _OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
 
@@ -84,7 +85,8 @@ def scan(reader: Reader, categories: Categories | None, seed: int, stratify: boo
 def _labels(reader: Reader, workers: int | None) -> Iterator[tuple[str | None, str, int]]:
     """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
     if hasattr(reader, "partitions"):
-        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), _all_cores(workers), 4)
+        scan_workers = _scan_workers(workers, reader.path.stat().st_size)
+        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), scan_workers, 4)
         yield from chunks
         return
     for item in reader:
@@ -193,9 +195,13 @@ def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str
     return [entry for span in spans for entry in reader.scan(span)]
 
 
-def _all_cores(workers: int | None) -> int:
-    """The first pass returns a few bytes per document, far less than it reads, so auto means every core."""
-    return workers if workers is not None else (os.cpu_count() or 1)
+def _scan_workers(workers: int | None, source_bytes: int) -> int:
+    """The first pass returns a few bytes per document, far less than it reads, so auto means every core,
+    but only for a dump big enough to pay for starting them: here a 1 GB dump scans in 0.7 s in-process
+    and in 1.1 s with two workers (0.45 s of it starting them)."""
+    if workers is not None:
+        return workers
+    return (os.cpu_count() or 1) if source_bytes >= PARALLEL_SCAN_BYTES else 0
 
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,
