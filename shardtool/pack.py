@@ -28,6 +28,7 @@ from typing import Any
 import PIL
 
 from shardtool import __version__
+from shardtool.background import Background
 from shardtool.classes import Categories, class_entries, hierarchy, known_categories, read_categories
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
@@ -42,6 +43,8 @@ from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import SplitSink, with_block
 from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
 
+PARALLEL_SCAN_BYTES = 8 << 30  # auto: smaller dumps are scanned in-process (see _scan_workers)
+SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
 _OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
 
 
@@ -83,7 +86,8 @@ def scan(reader: Reader, categories: Categories | None, seed: int, stratify: boo
 def _labels(reader: Reader, workers: int | None) -> Iterator[tuple[str | None, str, int]]:
     """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
     if hasattr(reader, "partitions"):
-        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), _all_cores(workers), 4)
+        scan_workers = _scan_workers(workers, reader.path.stat().st_size)
+        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), scan_workers, 4)
         yield from chunks
         return
     for item in reader:
@@ -141,19 +145,22 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
 
-    for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index), done,
-                             config.workers):
-        split = item.split or "train"
-        if split not in sinks:
-            sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size, config.shard_bytes)
-        sinks[split].add(item)
-        counts.done += 1
-        counts.skipped += isinstance(item, Skip)
-        counts.written += isinstance(item, Sample)
-        if progress:
-            progress(counts)
-    for sink in sinks.values():
-        sink.close()
+    # Two threads beside this loop: one writes and hashes shard bytes, the other fsyncs and journals them.
+    with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
+        for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index),
+                                 done, config.workers):
+            split = item.split or "train"
+            if split not in sinks:
+                sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size,
+                                         config.shard_bytes, writes, seals)
+            sinks[split].add(item)
+            counts.done += 1
+            counts.skipped += isinstance(item, Skip)
+            counts.written += isinstance(item, Sample)
+            if progress:
+                progress(counts)
+        for sink in sinks.values():
+            sink.close()
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
@@ -191,9 +198,13 @@ def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str
     return [entry for span in spans for entry in reader.scan(span)]
 
 
-def _all_cores(workers: int | None) -> int:
-    """The first pass returns a few bytes per document, far less than it reads, so auto means every core."""
-    return workers if workers is not None else (os.cpu_count() or 1)
+def _scan_workers(workers: int | None, source_bytes: int) -> int:
+    """The first pass returns a few bytes per document, far less than it reads, so auto means every core,
+    but only for a dump big enough to pay for starting them: here a 1 GB dump scans in 0.7 s in-process
+    and in 1.1 s with two workers (0.45 s of it starting them)."""
+    if workers is not None:
+        return workers
+    return (os.cpu_count() or 1) if source_bytes >= PARALLEL_SCAN_BYTES else 0
 
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shardtool.background import Background
 from shardtool.journal import Journal
 from shardtool.sample import Item, Sample, Skip
 from shardtool.tario import Block, TarShard, encode_sample
@@ -42,8 +43,10 @@ class SplitSink:
     """Writes the samples of one split, in arrival order, into shards of bounded count and size."""
 
     def __init__(self, out: Path, split: str, classes: dict[str | None, int | None], journal: Journal,
-                 shard_size: int, shard_bytes: int | None) -> None:
+                 shard_size: int, shard_bytes: int | None, writes: Background, seals: Background) -> None:
         self.out, self.split, self.classes, self.journal = out, split, classes, journal
+        self.writes = writes  # a thread that writes and hashes the shards' bytes, in order
+        self.seals = seals  # a thread that fsyncs, renames and journals finished shards, in order
         self.shard_size, self.shard_bytes = shard_size, shard_bytes
         self.next_index, self.consumed = journal.resume_point(split)
         self._shard: TarShard | None = None
@@ -73,7 +76,7 @@ class SplitSink:
     def _write(self, sample: Sample, index: int | None, block: Block) -> None:
         if self._shard is None:
             self._file = open(self._path(".tar.tmp"), "wb")
-            self._shard = TarShard(self._file)
+            self._shard = TarShard(self._file, self.writes.submit)
         self._shard.add_block(block)
         self._count += 1
         if index is not None:
@@ -88,26 +91,37 @@ class SplitSink:
         return self.out / (shard_name(self.split, self.next_index) + suffix)
 
     def _finish(self) -> None:
-        """Close the open shard (if any) and journal it with the skips since the last record."""
+        """Close the open shard (if any) and journal it with the skips since the last record (in the
+        background, after the shard's last bytes are written)."""
         record: dict[str, Any] = {"split": self.split, "consumed": self.consumed, "skips": self._skips}
         if self._shard is not None:
-            size, sha256 = self._shard.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            index_tmp = self._path(".idx.tmp")
-            index_tmp.write_text(self._shard.index_text())
-            os.replace(index_tmp, self._path(".idx"))
-            os.replace(self._path(".tar.tmp"), self._path(".tar"))
+            size = self._shard.end()
             record.update(shard=shard_name(self.split, self.next_index), index=self.next_index,
-                          num_samples=self._count, bytes=size, sha256=sha256,
+                          num_samples=self._count, bytes=size, sha256=None,
                           class_counts={str(k): v for k, v in sorted(self._class_counts.items())},
                           stats={"sum": self._sum, "sum2": self._sum2, "pixels": self._pixels})
+            self.writes.submit(self._written, self._shard, self._file, self._path(""), record)
             self.next_index += 1
             self._shard = None
-        if "shard" in record or self._skips:
-            self.journal.append(record)
+        elif self._skips:
+            self.writes.submit(self.seals.submit, self.journal.append, record)
         self._reset()
+
+    def _written(self, shard: TarShard, file: Any, stem: Path, record: dict[str, Any]) -> None:
+        """In the writing thread, after the shard's last bytes: its hash, then on to the sealing thread."""
+        record["sha256"] = shard.digest()
+        self.seals.submit(self._seal, file, stem, shard.index_text(), record)
+
+    def _seal(self, file: Any, stem: Path, index_text: str, record: dict[str, Any]) -> None:
+        """In the sealing thread (so the disk's pace never stalls the writing): fsync, .idx, rename, journal."""
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        index_tmp = stem.with_name(stem.name + ".idx.tmp")
+        index_tmp.write_text(index_text)
+        os.replace(index_tmp, stem.with_name(stem.name + ".idx"))
+        os.replace(stem.with_name(stem.name + ".tar.tmp"), stem.with_name(stem.name + ".tar"))
+        self.journal.append(record)
 
     def close(self) -> None:
         self._finish()

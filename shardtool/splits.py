@@ -33,6 +33,8 @@ class Splitter:
             total += fraction
             bounds.append(total)
         self.bounds = bounds
+        self._last: tuple[str, str] | None = None
+        self._last_split = ""
         self.class_bounds = {label: self._ranked_bounds(np.unique(np.asarray(hashes, dtype=np.float64)),
                                                         list(fractions.values()))
                              for label, hashes in (stratify_groups or {}).items()}
@@ -47,8 +49,11 @@ class Splitter:
         return bounds
 
     def __call__(self, group: str, label: str) -> str:
+        if (group, label) == self._last:  # a product's pictures arrive together: hash it once
+            return self._last_split
         bounds = self.class_bounds.get(label, self.bounds)
-        return self.names[bisect.bisect_right(bounds, unit_hash(group, self.seed))]
+        self._last, self._last_split = (group, label), self.names[bisect.bisect_right(bounds, unit_hash(group, self.seed))]
+        return self._last_split
 
 
 def assign_splits(items: Iterable[Item], splitter: Splitter | None) -> Iterator[Item]:

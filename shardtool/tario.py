@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from typing import BinaryIO, NamedTuple
 
 IDX_VERSION = "v1.2"  # the format nvidia/dali wds2idx.py writes and fn.readers.webdataset reads
@@ -18,6 +19,7 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to whole records
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
 _ZEROS = bytes(RECORD)
+CHUNK = 1 << 20  # bytes handed to the file (and the hash) at once
 
 
 _FIXED_SUM = sum(_HEADER.pack(b"", b"0000444\0", b"0000000\0", b"0000000\0", b"", b"00000000000\0", b" " * 8,
@@ -53,16 +55,37 @@ def encode_sample(key: str, members: list[tuple[str, bytes]]) -> Block:
 
 
 class TarShard:
-    """One shard being written: members in order, plus the .idx lines and a running sha256."""
+    """One shard being written: members in order, plus the .idx lines and a running sha256.
 
-    def __init__(self, file: BinaryIO) -> None:
+    Bytes are gathered into chunks of CHUNK bytes; `run(fn, chunk)` decides where each chunk is hashed
+    and written (default: here and now; the sink passes a background thread's submit). With a `run`
+    that defers, call `end()` and read `digest()` only after the deferred writes have run.
+    """
+
+    def __init__(self, file: BinaryIO, run: Callable[..., None] | None = None) -> None:
         self._file, self._sha256, self.bytes_written = file, hashlib.sha256(), 0
+        self._run = run or _now
+        self._chunk: list[bytes] = []
+        self._chunk_bytes = 0
         self.index_lines: list[str] = []
 
     def _write(self, data: bytes) -> None:
+        self._chunk.append(data)
+        self._chunk_bytes += len(data)
+        self.bytes_written += len(data)
+        if self._chunk_bytes >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the gathered bytes to `run`, as one buffer (one write, one hash update)."""
+        if self._chunk:
+            data = b"".join(self._chunk)
+            self._chunk, self._chunk_bytes = [], 0
+            self._run(self._emit, data)
+
+    def _emit(self, data: bytes) -> None:
         self._sha256.update(data)
         self._file.write(data)
-        self.bytes_written += len(data)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
         self.add_block(encode_sample(key, members))
@@ -71,14 +94,27 @@ class TarShard:
         """A sample's members, written (and hashed) as one piece; its index line gets shard offsets."""
         base = self.bytes_written
         self._write(block.data)
-        self.index_lines.append(" ".join(f"{ext} {base + offset} {size} {name}"
-                                         for ext, offset, size, name in block.members))
+        self.index_lines.append(" ".join([f"{ext} {base + offset} {size} {name}"
+                                          for ext, offset, size, name in block.members]))
 
-    def close(self) -> tuple[int, str]:
-        """Finish the archive (two zero blocks, padded to a record); returns (size, sha256 hex)."""
+    def end(self) -> int:
+        """Finish the archive (two zero blocks, padded to a record) and flush it; returns its size."""
         end = self.bytes_written + 2 * BLOCK
         self._write(_ZEROS[: 2 * BLOCK + (-end % RECORD)])
-        return self.bytes_written, self._sha256.hexdigest()
+        self.flush()
+        return self.bytes_written
+
+    def digest(self) -> str:
+        """The sha256 hex of the bytes emitted so far (all of them, once `end` has run and been written)."""
+        return self._sha256.hexdigest()
+
+    def close(self) -> tuple[int, str]:
+        """end() with the default `run`: returns (size, sha256 hex)."""
+        return self.end(), self.digest()
 
     def index_text(self) -> str:
         return f"{IDX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
+
+
+def _now(fn: Callable[..., None], *args: object) -> None:
+    fn(*args)

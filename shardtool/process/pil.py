@@ -6,6 +6,7 @@ already what we would write (same format, RGB, upright, right size) is copied by
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -79,24 +80,30 @@ def jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | No
 
     None when the input is not a JPEG we would copy; the caller then takes the full path.
     """
-    if spec.encode != "jpg" or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:65536]:
+    if spec.encode != "jpg" or not data.startswith(b"\xff\xd8") or data.find(b"Exif\x00\x00", 0, 65536) >= 0:
         return None  # EXIF may rotate the image: PIL reads the orientation on the slower path
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    if colorspace not in ("YCbCr", "RGB") or width * height > spec.max_pixels or not plan(width, height, spec.resize).identity:
+    if colorspace not in ("YCbCr", "RGB") or width * height > spec.max_pixels or not _kept_as_is(width, height, spec.resize):
         return None
     if not _complete(data, "JPEG"):
         return None  # cut off: the full decode names the damage
     return item.with_(data=data, path=None, ext="jpg", meta={**item.meta, "width": width, "height": height})
 
 
+@functools.lru_cache(maxsize=256)
+def _kept_as_is(width: int, height: int, resize: Resize) -> bool:
+    """Whether --resize leaves a width x height image alone (a dump has few distinct sizes)."""
+    return plan(width, height, resize).identity
+
+
 def conforms(image: Image.Image, data: bytes, spec: OutputSpec) -> bool:
     """From the header alone: what we would write already (format, RGB, upright, size), and not cut off."""
     if image.mode != "RGB" or has_alpha(image) or orientation(image) not in (None, 1):
         return False
-    if not plan(*image.size, spec.resize).identity:
+    if not _kept_as_is(*image.size, spec.resize):
         return False
     same_format = image.format in ("JPEG", "MPO") and spec.encode == "jpg" or image.format == "PNG" and spec.encode == "png"
     return same_format and _complete(data, "PNG" if image.format == "PNG" else "JPEG")
@@ -106,7 +113,7 @@ def _complete(data: bytes, image_format: str) -> bool:
     """The file ends on its format's end marker (JPEG EOI, PNG IEND), so it was not cut off."""
     if image_format == "PNG":
         return data.endswith(b"IEND\xaeB`\x82")
-    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    return data.endswith(b"\xff\xd9") or data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
 def process_batch(items: list[Item], spec: OutputSpec) -> list[Item]:
