@@ -260,3 +260,17 @@ def test_cdiscount_example_reports_level_accuracy_and_predicts_one_row_per_produ
     rows = list(csv.DictReader(open(preds)))
     assert sorted(r["_id"] for r in rows) == sorted(str(doc["_id"]) for doc in docs)
     assert {r["category_id"] for r in rows} <= category_ids
+
+
+def test_ddp_with_a_batch_of_only_corrupt_samples_skips_the_step_on_every_rank(data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    key = corrupt_copy(data, bad)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "trainer", "fit", str(bad), str(out), "--epochs", "1", *TINY,
+           "--batch-size", "1", "--on-corrupt", "skip"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a rank stepping alone would hang
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = read_keys(out / "keys" / "rank-0.tsv")[0] + read_keys(out / "keys" / "rank-1.tsv")[0]
+    assert len(seen) == 118 and key not in seen  # the corrupt sample and the one beside it on the other rank
+    assert int(next(csv.DictReader(open(out / "metrics.csv")))["skipped"]) == 2

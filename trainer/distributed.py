@@ -50,6 +50,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether FLAG holds on any rank (FLAG itself in a single process)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

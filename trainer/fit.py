@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import FitConfig, write_yaml
-from trainer.data import Loader, LoaderSpec, make_loader
+from trainer.data import Batch, Loader, LoaderSpec, make_loader
 from trainer.dataset import Dataset, open_dataset
-from trainer.distributed import Dist, all_sum, barrier
+from trainer.distributed import Dist, all_sum, any_rank, barrier
 from trainer.errors import ConfigError
 from trainer.keylog import KeyLog
 from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
@@ -254,7 +254,14 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
     return train_one_epoch(model, run.train.epoch(state.epoch, state.batch), run.optimizer, criterion=criterion,
                            amp=run.amp, set_lr=set_lr, mix=make_mix(config, len(run.dataset.classes)), sums=sums,
                            start_batch=state.batch, num_batches=num_batches, on_corrupt=config.on_corrupt,
-                           after_step=after_step)
+                           after_step=after_step, **agreed_skips(run))
+
+
+def agreed_skips(run: Run) -> dict[str, Callable[[Batch], bool]]:
+    """Under DDP with --on-corrupt skip, every rank skips a step when any rank's batch is empty."""
+    if run.dist.world == 1 or run.config.on_corrupt == "fail":
+        return {}
+    return {"skip_step": lambda batch: any_rank(not len(batch), run.device)}
 
 
 def make_mix(config: FitConfig, num_classes: int) -> Callable[..., Any] | None:
@@ -268,13 +275,13 @@ def make_mix(config: FitConfig, num_classes: int) -> Callable[..., Any] | None:
 
 
 def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
-    loss, correct, seen, seconds, wait = all_sum([sums.loss, sums.correct, sums.seen, sums.seconds,
-                                                  sums.data_seconds], run.device)
+    loss, correct, seen, seconds, wait, skipped = all_sum([sums.loss, sums.correct, sums.seen, sums.seconds,
+                                                           sums.data_seconds, len(sums.skipped)], run.device)
     world, total = run.dist.world, seconds + wait  # seconds: compute only; wait: blocked on the loader
     return {"epoch": run.state.epoch + 1, "lr": run.optimizer.param_groups[-1]["lr"],
             "train_loss": loss / max(seen, 1), "train_top1": correct / max(seen, 1),
             "img_s": seen / max(total / world, 1e-9), "data_wait": wait / max(total, 1e-9),
-            "seconds": total / world, "skipped": len(sums.skipped)}
+            "seconds": total / world, "skipped": int(skipped)}
 
 
 def new_meter_for(dataset: Dataset, device: torch.device) -> EvalMeter:

@@ -79,12 +79,19 @@ def check_skips(batch: Batch, policy: str, sums: TrainSums) -> None:
 def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch.optim.Optimizer, *,
                     criterion: nn.Module, amp: Amp, set_lr: Callable[[], None], mix: Callable[..., Any] | None,
                     sums: TrainSums, start_batch: int, num_batches: int, on_corrupt: str,
-                    after_step: Callable[[Step], None]) -> TrainSums:
-    """The caller puts MODEL in train mode (fit.set_frozen keeps a frozen backbone's BatchNorm in eval)."""
+                    after_step: Callable[[Step], None],
+                    skip_step: Callable[[Batch], bool] = lambda batch: not len(batch)) -> TrainSums:
+    """The caller puts MODEL in train mode (fit.set_frozen keeps a frozen backbone's BatchNorm in eval).
+
+    A batch whose samples were all corrupt and skipped is no step. Under DDP no rank may step alone (the
+    others would wait in backward's all-reduce), so SKIP_STEP is true on every rank when any batch is empty,
+    and the samples of the non-empty ones are counted as skipped too.
+    """
     for index, batch in enumerate(timed(batches, sums), start=start_batch):
         start = time.perf_counter()
         check_skips(batch, on_corrupt, sums)
-        if not len(batch):  # every sample of it was corrupt and skipped (single process only: DDP would wait)
+        if skip_step(batch):
+            sums.skipped.extend((key, "dropped: another process's batch was empty") for key in batch.keys)
             continue
         set_lr()
         images, targets = batch.images, batch.labels
