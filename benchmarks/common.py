@@ -1,4 +1,13 @@
-"""What every benchmark shares: run a command and time it, record the machine, write JSON + markdown."""
+"""What every benchmark shares: run a command and time it, record the machine, write JSON + markdown.
+
+Every script writes results/<name>.json:
+
+    {"benchmark": name, "machine": {...versions...}, "settings": {...},
+     "results": [{"name": ..., "img_s": median, "peak_rss_mb": max, "img_s_stats": {min, median, max},
+                  "peak_rss_mb_stats": {...}, ...extra columns}]}
+
+and results/<name>.md (the markdown table); benchmarks/report.py renders them all into RESULTS.md.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +18,54 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+PACKAGES = ("shardtool", "torch", "torchvision", "nvidia-dali-cuda130", "pillow", "simplejpeg", "pymongo",
+            "webdataset", "mosaicml-streaming", "litdata", "img2dataset", "numpy")
 
 
 def machine() -> dict[str, Any]:
-    import PIL
-
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "pillow": PIL.__version__, "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(), "gpu": gpu_name(), "commit": commit(),
+            "versions": versions}
 
 
-def timed_run(argv: list[str]) -> tuple[float, float]:
+def gpu_name() -> str | None:
+    """The first CUDA device's name, or None (no torch, or no GPU): scripts add GPU rows when set."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def tool(name: str) -> str:
+    """The console script NAME installed beside this interpreter (shardtool, trainer)."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB of the largest process it started) for one subprocess run."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=None if env is None else os.environ | env)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -37,20 +77,49 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def write(name: str, settings: dict[str, Any], results: list[dict[str, Any]], columns: list[str]) -> str:
-    """Write results/<name>.json and .md; returns the markdown table."""
+def row(name: str, img_s: list[float], peak_rss_mb: list[float] | None = None, **extra: Any) -> dict[str, Any]:
+    """One result row: the median images/s and the largest peak RSS, each with its min/median/max."""
+    out: dict[str, Any] = {"name": name, "img_s": statistics.median(img_s), "img_s_stats": summary(img_s)}
+    if peak_rss_mb:
+        out |= {"peak_rss_mb": max(peak_rss_mb), "peak_rss_mb_stats": summary(peak_rss_mb)}
+    return out | extra
+
+
+def add_ratio(results: list[dict[str, Any]], column: str, base: str, figure: str = "img_s") -> None:
+    """results[i][COLUMN] = results[i][FIGURE] / the FIGURE of the row named BASE (rows without it: left out)."""
+    reference = next((r[figure] for r in results if r["name"] == base and r.get(figure)), None)
+    for result in results:
+        if reference and result.get(figure) is not None:
+            result[column] = round(result[figure] / reference, 3)
+
+
+def write(name: str, settings: dict[str, Any], results: list[dict[str, Any]], columns: list[str],
+          notes: list[str] | None = None) -> str:
+    """Write results/<name>.json and .md; returns the markdown table. NOTES: rows not measured and why."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), "settings": settings, "results": results}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    payload = {"benchmark": name, "machine": machine(), "settings": settings, "results": results,
+               "notes": notes or []}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in results:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    table = "\n".join(lines)
+    for result in results:
+        lines.append("| " + " | ".join(_cell(result.get(c)) for c in columns) + " |")
+    table = "\n".join(lines + [f"\n{n}" for n in notes or []])
     (RESULTS / f"{name}.md").write_text(table + "\n")
     return table
 
 
+def emit(name: str, settings: dict[str, Any], results: list[dict[str, Any]], columns: list[str], as_json: bool,
+         notes: list[str] | None = None) -> None:
+    """write() then print the JSON object (--json) or the markdown table."""
+    table = write(name, settings, results, columns, notes)
+    if as_json:
+        print(json.dumps({"benchmark": name, "settings": settings, "results": results, "notes": notes or []},
+                         indent=1))
+    else:
+        print(table)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:,.1f}"
+        return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
     return "" if value is None else str(value)
