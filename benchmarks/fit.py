@@ -1,0 +1,128 @@
+"""Trainer throughput on real shards vs on synthetic in-memory tensors: how long the model waits for data.
+
+    python -m benchmarks.fit [--data SHARDS] [--model efficientnet_lite0] [--steps 15] [--repeats 3] [--json]
+
+Both rows run the trainer's own `train_one_epoch` (same model, optimizer, AMP and batch size): `real`
+takes its batches from the torch loader over the shards (decode + RandomResizedCrop + flip in 2
+workers, normalised on the device); `synthetic` repeats one batch of random tensors of the same shape
+already on the device, so its images/s is the compute-only ceiling. Two phases: `frozen` (head only,
+what the first --freeze-epochs train) and `finetune` (everything learns). data_wait is the fraction of
+the step time spent blocked on the loader, as the trainer logs it in metrics.csv.
+
+With no --data, clothing-small is packed at shorter:256 into benchmarks/.cache (once). Each
+measurement runs in its own process, after 3 untimed warm-up steps (worker start, first allocations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from itertools import islice, repeat
+from pathlib import Path
+
+from benchmarks.common import add_ratio, emit, gpu_name, row, timed_run, tool
+
+CACHE = Path(__file__).parent / ".cache"
+WARMUP = 3
+
+
+def default_data() -> Path:
+    """clothing-small packed at shorter:256 (what the README's training recipe uses), made once."""
+    real = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    source, out = real / "clothing-small", CACHE / "clothing-small-256"
+    if not (out / "dataset.json").exists():
+        if not source.is_dir():
+            sys.exit(f"{source} not found: pass --data (shards packed by shardtool) or set SHARDTOOL_REAL_DATA")
+        subprocess.run([tool("shardtool"), "pack", str(source), str(out), "--resize", "shorter:256",
+                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def measure(data: str, model: str, image_size: int, batch_size: int, steps: int, phase: str, source: str,
+            device: str) -> dict[str, float]:
+    """One measurement (in this process): images/s and data-wait fraction over STEPS timed steps."""
+    import torch
+
+    from trainer.config import FitConfig
+    from trainer.data import Batch
+    from trainer.distributed import Dist
+    from trainer.fit import build_run, set_frozen
+    from trainer.loop import TrainSums, train_one_epoch
+
+    config = FitConfig(data=data, out=tempfile.mkdtemp(prefix="bench-fit-"), model=model, image_size=image_size,
+                       batch_size=batch_size, device=device, loader="torch").validate()
+    run = build_run(config, Dist(), None)
+    set_frozen(run.model, phase == "frozen", config.freeze_bn)
+    batches = iter(run.train.epoch(0))
+    if source == "synthetic":
+        first = next(batches)
+        images = torch.randn(first.images.shape, device=first.images.device)
+        batches = repeat(Batch(images.contiguous(memory_format=torch.channels_last), first.labels, first.keys,
+                               first.groups))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def epoch(count: int) -> TrainSums:
+        return train_one_epoch(run.model.module, islice(batches, count), run.optimizer, criterion=criterion,
+                               amp=run.amp, set_lr=lambda: None, mix=None, sums=TrainSums(), start_batch=0,
+                               num_batches=count, on_corrupt="fail", after_step=lambda step: None)
+
+    epoch(WARMUP)
+    sums = epoch(steps)
+    total = sums.seconds + sums.data_seconds
+    return {"img_s": sums.seen / total, "data_wait": sums.data_seconds / total, "seen": sums.seen}
+
+
+def child_argv(args: argparse.Namespace, phase: str, source: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.fit", "--child", phase, source, "--data", str(args.data),
+            "--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--device", args.device]
+
+
+def run_child(argv: list[str]) -> tuple[dict[str, float], float]:
+    """The figures the child wrote to --child-out, and its peak RSS."""
+    out = Path(tempfile.mkstemp(prefix="bench-fit-", suffix=".json")[1])
+    _, rss = timed_run(argv + ["--child-out", str(out)])
+    figures = json.loads(out.read_text())
+    out.unlink()
+    return figures, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="packed shards [clothing-small at shorter:256, packed once]")
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--phases", default="frozen,finetune")
+    parser.add_argument("--device", default="cuda" if gpu_name() else "cpu")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("PHASE", "SOURCE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        figures = measure(str(args.data), args.model, args.image_size, args.batch_size, args.steps, *args.child,
+                          device=args.device)
+        args.child_out.write_text(json.dumps(figures))
+        return
+    args.data = args.data or default_data()
+    results = []
+    for phase in args.phases.split(","):
+        for source in ("synthetic", "real"):
+            runs = [run_child(child_argv(args, phase, source)) for _ in range(args.repeats)]
+            results.append(row(f"{phase}-{source}", [f["img_s"] for f, _ in runs], [rss for _, rss in runs],
+                               phase=phase, data_wait=sorted(f["data_wait"] for f, _ in runs)[len(runs) // 2]))
+        add_ratio([r for r in results if r["phase"] == phase], "vs_compute_only", f"{phase}-synthetic")
+    settings = {"data": str(args.data), "model": args.model, "image_size": args.image_size,
+                "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
+                "device": args.device, "loader": "torch", "workers": 2}
+    emit("fit", settings, results, ["name", "img_s", "vs_compute_only", "data_wait", "peak_rss_mb"], args.json)
+
+
+if __name__ == "__main__":
+    main()
