@@ -22,7 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# Where results/*.json go; tests point it elsewhere so a smoke run never overwrites the measured ones.
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
 PACKAGES = ("shardtool", "torch", "torchvision", "nvidia-dali-cuda130", "pillow", "simplejpeg", "pymongo",
             "webdataset", "mosaicml-streaming", "litdata", "img2dataset", "numpy")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS
 
-HERE = Path(__file__).parent
+HERE = RESULTS.parent  # benchmarks/, unless BENCHMARK_RESULTS points elsewhere
 ORDER = ("loader", "pack", "pack_bson", "memory", "fit")  # the rest follow by name
 TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing clothing-small",
           "pack_bson": "Packing a Cdiscount-like BSON dump", "memory": "Peak memory vs dataset size",

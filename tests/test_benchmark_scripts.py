@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end and write what report.py renders (tiny sizes; never timed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from shardtool.synth import make_shapes
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_module(module: str, *args: str, results: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"BENCHMARK_RESULTS": str(results)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def test_fit_benchmark_compares_real_batches_with_the_compute_only_ceiling(tmp_path: Path) -> None:
+    source = make_shapes(tmp_path / "shapes", per_class=20, size=64)
+    assert run_cli("pack", source, tmp_path / "shards", "--workers", "0").exit_code == 0
+    results = tmp_path / "results"
+    done = run_module("benchmarks.fit", "--data", str(tmp_path / "shards"), "--model", "tiny_cnn", "--image-size",
+                      "32", "--batch-size", "8", "--steps", "3", "--repeats", "1", "--json", results=results)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    assert [r["name"] for r in printed["results"]] == ["frozen-synthetic", "frozen-real", "finetune-synthetic",
+                                                       "finetune-real"]
+    for row in printed["results"]:
+        assert row["img_s"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_rss_mb"] > 0
+        assert row["img_s_stats"]["min"] <= row["img_s"] <= row["img_s_stats"]["max"]
+    assert {r["name"]: r["vs_compute_only"] for r in printed["results"]}["finetune-synthetic"] == 1.0
+    written = json.loads((results / "fit.json").read_text())
+    assert written["results"] == printed["results"] and written["machine"]["cpus"] == os.cpu_count()
+    assert (results / "fit.md").read_text().startswith("| name | img_s |")
+
+
+def test_report_renders_every_result_into_one_page_and_a_chart(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, rows in (("loader", [("shardtool-torch", 900.0), ("imagefolder", 300.0)]),
+                       ("zeta", [("other", 5.0)])):
+        payload = {"benchmark": name, "machine": {"cpus": 2, "python": "3.11", "commit": "abc1234"},
+                   "settings": {"batch": 64}, "results": [{"name": n, "img_s": v} for n, v in rows]}
+        (results / f"{name}.json").write_text(json.dumps(payload))
+        (results / f"{name}.md").write_text("| name | img_s |\n|---|---|\n" + "".join(f"| {n} | {v} |\n" for n, v in rows))
+    done = run_module("benchmarks.report", results=results)
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert page.index("## Loaders") < page.index("## zeta")  # the known benchmarks first, in their order
+    assert "| shardtool-torch | 900.0 |" in page and "commit abc1234" in page and "batch=64" in page
+    assert (tmp_path / "RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
