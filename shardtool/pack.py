@@ -35,7 +35,7 @@ from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
 from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
-from shardtool.parallel import ordered_map
+from shardtool.parallel import check_not_starting_worker, ordered_map
 from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.readers import Reader, open_reader
@@ -120,6 +120,7 @@ def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
 
 def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Pack config.source into shards in config.out; returns the manifest (also written as dataset.json)."""
+    check_not_starting_worker()
     config.validate()
     fmt, reader = open_reader(config)
     categories = read_categories(config.categories, config.csv.encoding) if config.categories else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
+from pathlib import Path
 from typing import TypeVar
 
 from shardtool.errors import PackError
@@ -66,12 +68,32 @@ def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: i
             while pending:
                 yield from pending.popleft().result()
         except BrokenProcessPool:
-            raise PackError("a worker process died (killed, or out of memory); re-run the same command "
-                            "to resume, or use fewer --workers") from None
+            raise PackError(_died_message()) from None
         finally:
             for future in pending:
                 future.cancel()
             sys.setswitchinterval(switch)
+
+
+GUARD = "put that call under `if __name__ == \"__main__\":` (or pass workers=0)"
+
+
+def check_not_starting_worker() -> None:
+    """Refuse to pack inside a worker that is importing the user's script (a call without the __main__ guard):
+    it would pack, or delete with overwrite, the very output its parent is writing."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by multiprocessing while it does that
+        raise PackError(f"pack() ran while a worker process imported the main script: {GUARD}")
+
+
+def _died_message() -> str:
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        unguarded = script and not re.search(r"__name__\s*==\s*['\"]__main__['\"]", Path(script).read_text())
+    except (OSError, UnicodeDecodeError):
+        unguarded = False
+    if unguarded:  # worker processes import the main script again, and it packs at import time
+        return f"worker processes could not start: {script} calls pack() at import time; {GUARD}"
+    return "a worker process died (killed, or out of memory); re-run the same command to resume, or use fewer --workers"
 
 
 def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], cores: int, batch: int) -> Iterator[B]:

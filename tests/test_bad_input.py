@@ -276,3 +276,24 @@ def test_out_that_is_a_foreign_folder_is_refused(small, tmp_path, cli):
     result = cli("pack", small, out, "--workers", "0", "--overwrite")  # --overwrite never deletes foreign files
     assert_config_error(result, "is not a shardtool output")
     assert (out / "beach.jpg").read_bytes() == b"not mine to delete"
+
+
+def test_python_script_packing_without_a_main_guard_is_told_how_to_fix_it(shapes, tmp_path):
+    """Worker processes import the user's script again: without the guard they would pack too."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "pack_it.py"
+    script.write_text("from shardtool.config import PackConfig\nfrom shardtool.pack import pack\n"
+                      f"pack(PackConfig(source={str(shapes)!r}, out={str(tmp_path / 'out')!r}, workers=2))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"shardtool.errors.PackError: worker processes could not start: {script} calls pack() at import time; "
+        'put that call under `if __name__ == "__main__":` (or pass workers=0)')
+    script.write_text("from shardtool.config import PackConfig\nfrom shardtool.pack import pack\n"
+                      "if __name__ == '__main__':\n"
+                      f"    pack(PackConfig(source={str(shapes)!r}, out={str(tmp_path / 'out')!r}, workers=2))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["report"]["written"] == 48
