@@ -101,12 +101,18 @@ def measure_size(work: Path, size: int) -> list[dict[str, Any]]:
 
 
 def add_growth(results: list[dict[str, Any]]) -> None:
-    """rss_vs_smallest: peak RSS over that of the same kind's smallest size."""
+    """rss_vs_smallest: peak RSS over that of the same kind's smallest size; growth_mb: their difference."""
     for kind in {r["kind"] for r in results}:
         rows = [r for r in results if r["kind"] == kind]
         base = min(rows, key=lambda r: r["samples"])["peak_rss_mb"]
         for r in rows:
             r["rss_vs_smallest"] = round(r["peak_rss_mb"] / base, 3)
+            r["growth_mb"] = round(r["peak_rss_mb"] - base, 1)
+
+
+def import_floor() -> float:
+    """Peak RSS of a process that only imports the torch loader: the part of loader-epoch no data can change."""
+    return timed_run([sys.executable, "-c", "import trainer.data.torch"])[1]
 
 
 def main() -> None:
@@ -124,10 +130,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     results.sort(key=lambda r: (r["kind"] != "pack", r["samples"]))
     add_growth(results)
+    notes = [f"loader-epoch: {import_floor():.0f} MB of its peak RSS is importing torch and torchvision "
+             "(a process that only imports trainer.data.torch); growth_mb is the change from the smallest size"]
     settings = {"sizes": sizes, "data": f"synthetic BSON, 1 picture/product, pool of {POOL} {SIDE}x{SIDE} JPEGs",
                 "pack": "--verify header, --workers auto", "loader": f"torch, image_size {IMAGE_SIZE}, batch 32, "
                 "2 workers, shuffle buffer 1000, train=True"}
-    emit("memory", settings, results, ["name", "img_s", "seconds", "peak_rss_mb", "rss_vs_smallest"], args.json)
+    emit("memory", settings, results, ["name", "img_s", "seconds", "peak_rss_mb", "rss_vs_smallest", "growth_mb"],
+         args.json, notes)
 
 
 if __name__ == "__main__":
