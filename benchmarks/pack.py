@@ -1,85 +1,152 @@
-"""Pack throughput: `shardtool pack` (PIL backend) against a hand-written loop, on the same files.
+"""Pack throughput on clothing-small: `shardtool pack` (PIL and DALI backends) against img2dataset and a hand loop.
 
-    python -m benchmarks.pack [--source ../shared/data/clothing-small] [--repeats 3] [--json]
+    python -m benchmarks.pack [--source DIR] [--repeats 3] [--size 256] [--json]
 
-Rows: shardtool with --resize shorter:256 at 1 and all workers, shardtool passthrough (--resize
-none: JPEGs copied after a full decode), and `hand-loop`: one process that opens, converts to RGB,
-resizes the shorter side to 256 and saves a JPEG per file, as people write it. Warm page cache
-(one untimed pass first). Figures are images/s (median of repeats) and the peak RSS of the
-largest process.
+SOURCE is a class-folder dataset (default: $SHARDTOOL_REAL_DATA/clothing-small, else
+../shared/data/clothing-small; 3,781 JPEGs, mostly 400x533). Rows, each on the same files:
+
+- shardtool-{pil,dali}-resize: `--backend pil|dali --resize shorter:SIZE`, default --workers (auto);
+- shardtool-{pil,dali}-passthrough: no --resize: every JPEG is decoded in full (--verify full, the default)
+  and its bytes copied;
+- img2dataset: the same files as file:// URLs (a CSV with a label column), `resize_mode=keep_ratio`
+  (shorter side to SIZE, its default `area` interpolation where we use bilinear), webdataset output,
+  1000 samples per shard, one process per core;
+- hand-loop: one process that opens, converts to RGB, resizes the shorter side to SIZE and saves a JPEG
+  per file, as people write it (no validation, no shards, no statistics).
+
+Warm page cache (one untimed read first). images/s is the median of --repeats; peak RSS is of the
+largest process; out_mb is everything the run wrote; vs_hand_loop is the ratio of medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
+import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import summary, timed_run, write
+from benchmarks.common import add_ratio, emit, row, timed_run, tool
 
 HAND_LOOP = """
 import sys
 from pathlib import Path
 from PIL import Image
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+src, dst, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 for path in sorted(src.rglob("*.jpg")):
     image = Image.open(path).convert("RGB")
-    scale = 256 / min(image.size)
+    scale = size / min(image.size)
     image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
     target = dst / path.relative_to(src)
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target, quality=90)
 """
+I2D_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}  # offline: no update check, no wandb
+
+Argv = Callable[[Path], list[str]]
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def measure(name: str, argv_for, out: Path, images: int, repeats: int) -> dict:
+def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run."""
     seconds, rss = [], []
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
-        wall, peak = timed_run(argv_for(out))
+        wall, peak = timed_run(argv_for(out), env)
         seconds.append(wall)
         rss.append(peak)
-    rates = [images / s for s in seconds]
-    return {"name": name, "img_s": summary(rates)["median"], "img_s_range": summary(rates),
-            "peak_rss_mb": max(rss), "out_mb": folder_bytes(out) / 1e6}
+    return row(name, [images / s for s in seconds], rss, out_mb=folder_bytes(out) / 1e6)
+
+
+def url_list(photos: list[Path], source: Path, work: Path) -> Path:
+    """img2dataset's input: a CSV of file:// URLs with the class folder as label."""
+    path = work / "urls.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["url", "label"])
+        writer.writerows([p.absolute().as_uri(), p.parent.name] for p in photos)
+    return path
+
+
+def img2dataset_argv(urls: Path, size: int, cores: int) -> Argv:
+    return lambda out: [tool("img2dataset"), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+                        "--save_additional_columns", '["label"]', "--output_folder", str(out),
+                        "--output_format", "webdataset", "--image_size", str(size), "--resize_mode", "keep_ratio",
+                        "--encode_quality", "90", "--number_sample_per_shard", "1000",
+                        "--processes_count", str(cores), "--thread_count", "4", "--enable_wandb", "False"]
+
+
+def runs(source: Path, size: int, urls: Path, cores: int) -> tuple[list[tuple[str, Argv, dict[str, str] | None]],
+                                                                     list[str]]:
+    """(row name, argv for an OUT, env) per measured configuration, and notes on rows left out."""
+    def shardtool(backend: str, *extra: str) -> Argv:
+        return lambda out: [tool("shardtool"), "pack", str(source), str(out), "--backend", backend, *extra]
+
+    resize = ("--resize", f"shorter:{size}")
+    rows: list[tuple[str, Argv, dict[str, str] | None]] = [
+        ("shardtool-pil-resize", shardtool("pil", *resize), None),
+        ("shardtool-pil-passthrough", shardtool("pil"), None)]
+    notes = []
+    if importlib.util.find_spec("nvidia.dali"):
+        rows += [("shardtool-dali-resize", shardtool("dali", *resize), None),
+                 ("shardtool-dali-passthrough", shardtool("dali"), None)]
+    else:
+        notes.append("shardtool-dali-*: not measured, nvidia-dali is not installed (pip install -e '.[dali]')")
+    if Path(tool("img2dataset")).is_file():
+        rows.append(("img2dataset", img2dataset_argv(urls, size, cores), I2D_ENV))
+    else:
+        notes.append("img2dataset: not measured, not installed here (pip install -e '.[bench]')")
+    hand = [sys.executable, "-c", HAND_LOOP, str(source)]
+    rows.append(("hand-loop", lambda out: [*hand, str(out), str(size)], None))
+    return rows, notes
+
+
+def dali_version() -> str | None:
+    """"dali-cpu 1.x" (dali-gpu on a CUDA machine: what --backend dali picks), None without DALI.
+
+    Asked in a subprocess: a child's peak RSS starts at its parent's (Linux carries the parent's
+    high-water mark across fork + exec), so this process must not import DALI (70 MB) or torch.
+    """
+    if importlib.util.find_spec("nvidia.dali") is None:
+        return None
+    code = "from shardtool.process import dali; print(dali.choose_backend('dali'), dali.version())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
-    parser.add_argument("--source", type=Path, default=default / "clothing-small")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--source", type=Path, default=default / "clothing-small", help="a class-folder dataset")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row")
+    parser.add_argument("--size", type=int, default=256, help="shorter side after resizing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if not args.source.is_dir():
-        sys.exit(f"{args.source} not found: pass --source (a class-folder dataset)")
-    images = sum(1 for p in args.source.rglob("*.jpg"))
-    tool = str(Path(sys.executable).with_name("shardtool"))
+    photos = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
+    if not photos:
+        print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
+        return
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
-    timed_run(["cat", *map(str, args.source.rglob("*.jpg"))])  # warm the page cache
-    runs = [
-        (f"shardtool-pil shorter:256 w{cores}", lambda o: [tool, "pack", str(args.source), str(o), "--resize",
-                                                       "shorter:256", "--workers", str(cores)]),
-        ("shardtool-pil shorter:256 w1", lambda o: [tool, "pack", str(args.source), str(o), "--resize",
-                                                   "shorter:256", "--workers", "1"]),
-        (f"shardtool-pil passthrough w{cores}", lambda o: [tool, "pack", str(args.source), str(o),
-                                                          "--workers", str(cores)]),
-        ("hand-loop shorter:256", lambda o: [sys.executable, "-c", HAND_LOOP, str(args.source), str(o)]),
-    ]
-    results = [measure(name, argv, work / "out", images, args.repeats) for name, argv in runs]
-    shutil.rmtree(work, ignore_errors=True)
-    settings = {"source": str(args.source), "images": images, "repeats": args.repeats}
-    table = write("pack", settings, results, ["name", "img_s", "peak_rss_mb", "out_mb"])
-    print(json.dumps({"settings": settings, "results": results}, indent=1) if args.json else table)
+    try:
+        rows, notes = runs(args.source, args.size, url_list(photos, args.source, work), cores)
+        timed_run(["cat", *map(str, photos)])  # warm the page cache
+        results = [measure(name, argv, work / "out", len(photos), args.repeats, env) for name, argv, env in rows]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    add_ratio(results, "vs_hand_loop", "hand-loop")
+    settings = {"source": str(args.source), "images": len(photos), "repeats": args.repeats, "size": args.size,
+                "cores": cores, "dali": dali_version()}
+    emit("pack", settings, results, ["name", "img_s", "vs_hand_loop", "peak_rss_mb", "out_mb"], args.json, notes)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from shardtool.process.geometry import Plan, plan
 from shardtool.sample import Item, Sample, Skip
 
 MAX_BATCH = 32  # pack hands over 32 items at a time (parallel.ordered_map)
-CPU_AUTO = "pil"  # --backend auto without a GPU: the faster on CPU here (benchmarks/pack_backends.py, README)
+CPU_AUTO = "pil"  # --backend auto without a GPU: the faster on CPU here (benchmarks/pack.py, README)
 # Modes, per format, that DALI decodes to the same RGB as pil.to_rgb (tests/test_dali_backend.py checks them):
 # grey replicated, CMYK JPEGs converted, 16-bit PNGs scaled by 255/65535 and rounded, EXIF orientation applied.
 # Everything else takes the PIL path: alpha or a transparent colour (DALI drops alpha where we composite on

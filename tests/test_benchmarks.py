@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end at tiny sizes and write the rows they promise (speed is never asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common
+from shardtool.synth import make_shapes
+
+
+def run_script(module, monkeypatch: pytest.MonkeyPatch, results: Path, *argv: str) -> None:
+    """MODULE.main() with ARGV, writing its JSON and table under RESULTS (not benchmarks/results)."""
+    monkeypatch.setattr(common, "RESULTS", results)
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+
+
+def test_pack_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import pack
+
+    source = make_shapes(tmp_path / "shapes", per_class=3, size=64)
+    run_script(pack, monkeypatch, tmp_path / "results", "--source", str(source), "--repeats", "1", "--size", "32")
+    written = json.loads((tmp_path / "results" / "pack.json").read_text())
+    rows = {r["name"]: r for r in written["results"]}
+    names = {"shardtool-pil-resize", "shardtool-pil-passthrough", "shardtool-dali-resize",
+             "shardtool-dali-passthrough", "img2dataset", "hand-loop"}
+    left_out = {name for name in names for note in written["notes"] if name.startswith(note.split(":")[0].rstrip("*"))}
+    assert set(rows) == names - left_out  # a row not measured (DALI or img2dataset missing) is a note
+    assert {"shardtool-pil-resize", "shardtool-pil-passthrough", "hand-loop"} <= set(rows)
+    assert rows["hand-loop"]["vs_hand_loop"] == 1.0
+    assert all(r["out_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert written["settings"]["images"] == 12
+
+
+def test_pack_benchmark_skips_without_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import pack
+
+    run_script(pack, monkeypatch, tmp_path / "results", "--source", str(tmp_path / "absent"))
+    assert capsys.readouterr().out.startswith("skipped: ")
+    assert not (tmp_path / "results").exists()
+
+
+def test_memory_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import memory
+
+    run_script(memory, monkeypatch, tmp_path / "results", "--sizes", "500,100", "--work", str(tmp_path))
+    rows = json.loads((tmp_path / "results" / "memory.json").read_text())["results"]
+    assert [r["name"] for r in rows] == ["pack 100", "pack 500", "loader-epoch 100", "loader-epoch 500"]
+    assert [r["rss_vs_smallest"] for r in rows][::2] == [1.0, 1.0]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-memory-")]  # dumps and shards removed
