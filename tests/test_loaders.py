@@ -258,3 +258,24 @@ def test_dali_names_a_missing_index_file(packed, tmp_path):
 
     with pytest.raises(TrainError, match=r"^DALI cannot open the shards: Could not open file .*val-000001\.idx"):
         run_epoch(make_loader(spec_of(out, "val"), "dali"))
+
+
+def test_the_shuffle_buffer_starts_yielding_before_it_is_full_and_loses_nothing() -> None:
+    import random
+
+    from trainer.data.torch import shuffled
+
+    read = []
+
+    def samples():
+        for i in range(5000):
+            read.append(i)
+            yield {"__key__": i}
+
+    out = shuffled(samples(), 1000, random.Random(0))
+    first = next(out)["__key__"]
+    assert len(read) <= 110  # the first batch waits for ~100 samples, not the whole 1000-sample buffer
+    order = [first] + [s["__key__"] for s in out]
+    assert sorted(order) == list(range(5000)) and order[:200] != sorted(order[:200])
+    replay = [s["__key__"] for s in shuffled(({"__key__": i} for i in range(5000)), 1000, random.Random(0))]
+    assert replay == order  # the same RNG replays the same order (what resume relies on)
