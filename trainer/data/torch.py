@@ -24,7 +24,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -166,7 +166,8 @@ class ShardStream(IterableDataset):
             keys.append(key)
             groups.append(group)
         size = self.spec.image_size
-        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        # default_collate stacks straight into shared memory inside a worker: no copy when the batch is sent
+        stacked = default_collate(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "keys": keys,
                 "groups": groups, "skipped": skipped}
 

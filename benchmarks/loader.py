@@ -1,0 +1,345 @@
+"""Loader throughput: our loaders against what users would write instead, on the same images.
+
+    python -m benchmarks.loader [--data SHARDS --files DIR] [--epochs 2] [--repeats 3] [--rows a,b] [--json]
+
+Every row yields batches of 64 RandomResizedCrop(224) + horizontal-flip images from the same training
+images in 2 worker processes (DALI: 2 threads), one untimed warm-up epoch first (page cache, worker
+start, first allocations), then --epochs timed epochs, each in its own process, --repeats times.
+images/s is per timed epoch, worker start included (as a user's epoch pays it); the table shows the
+median and the JSON min/median/max.
+
+- shardtool-torch: trainer.data.make_loader(spec, "torch") over the shards, as `trainer fit` builds it,
+  taking its uint8 host batches (TorchLoader.host_batches): what its workers deliver, like every
+  baseline below, and all of its work on a GPU box, where the float conversion runs on the device.
+- shardtool-torch-normalised: the same through TorchLoader.epoch(), which also converts each batch to
+  float, normalises it and lays it out channels_last on the device: here the CPU, in the main process.
+- shardtool-dali: DaliLoader over DALI's webdataset reader, every operator on the CPU (no GPU here);
+  its fused crop_mirror_normalize delivers normalised float batches (on DALI's 2 threads).
+- imagefolder: torchvision ImageFolder + DataLoader(shuffle) on the original files, PIL decode, the
+  torchvision tutorial's RandomResizedCrop + RandomHorizontalFlip + PILToTensor.
+- imagefolder-256: the same on files holding exactly the shards' JPEGs (shorter side 256): what a
+  user who resized by hand gets, so the gap between it and imagefolder is resolution, not format.
+- webdataset-naive: webdataset's README pipeline over the same shards: .shuffle(1000).decode("pil")
+  .to_tuple("jpg", "cls").map_tuple(torchvision transform), shards split across workers.
+- dali-files: DALI's fn.readers.file on the original files + the same decode/crop/normalise as
+  shardtool-dali.
+- decode-ceiling: the shards' JPEG bytes held in memory, decoded + cropped + flipped by our own
+  transform in a tight loop, in 2 processes at once (half the images each, torch at 1 thread, as in a
+  DataLoader worker): what 2 cores can do with no reading, batching or inter-process traffic at all.
+  (Measured, not one core's rate times 2: here two such loops together do ~1.75x one alone.)
+- mosaic, litdata: Mosaic Streaming and LitData on their own converted copies of the shards' JPEGs
+  (MDS / litdata chunks, made once), with their own dataset + loader, PIL decode + the same transform.
+  They pin numpy < 2.2 (mosaic) and pull in cloud SDKs, so they run from their own virtualenv in
+  benchmarks/.cache/venv-others, made on first use (torch from the same wheels); no network, no rows.
+
+With no --data, clothing-small is packed at shorter:256 into benchmarks/.cache (once, as fit.py
+does); --files defaults to clothing-small/train, the originals those shards were packed from. A GPU
+adds shardtool-dali-gpu and dali-files-gpu (nvJPEG decode, "mixed" device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import add_ratio, emit, gpu_name, row, timed_run
+
+CACHE = Path(__file__).parent / ".cache"
+OTHERS = CACHE / "venv-others"
+OTHERS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "mosaicml-streaming>=0.13,<0.14", "litdata>=0.2.70,<0.3"]
+BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ROWS = ("shardtool-torch", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256", "webdataset-naive", "dali-files",
+        "decode-ceiling", "mosaic", "litdata")
+GPU_ROWS = ("shardtool-dali-gpu", "dali-files-gpu")
+IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's interpreter
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def default_files() -> Path:
+    real = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    return real / "clothing-small" / "train"
+
+
+def train_members(shards: Path) -> Iterator[tuple[str, bytes, int]]:
+    """(key, JPEG bytes, class index) of every training sample, in shard order; stdlib only, so the
+    other virtualenv can run it."""
+    manifest = json.loads((shards / "dataset.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        pending: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shards / shard["name"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                sample = pending.setdefault(key, {})
+                sample[ext] = data
+                if "jpg" in sample and "cls" in sample:
+                    yield key, sample["jpg"], int(pending.pop(key)["cls"])
+
+
+def resized_files(shards: Path) -> Path:
+    """The shards' training JPEGs as class folders (made once): ImageFolder at the shards' resolution."""
+    out = CACHE / f"{shards.name}-files"
+    if not (out / ".done").exists():
+        for key, data, label in train_members(shards):
+            folder = out / f"{label:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{key}.jpg").write_bytes(data)
+        (out / ".done").touch()
+    return out
+
+
+# ---- one measurement per child process -----------------------------------------------------------------------
+
+
+def time_epochs(epoch: Callable[[int], Iterable[Any]], epochs: int, expected: int) -> list[float]:
+    """images/s of each timed epoch after one warm-up; every epoch must yield EXPECTED images."""
+    rates = []
+    for index in range(epochs + 1):
+        start, seen = time.perf_counter(), 0
+        for images in epoch(index):
+            seen += len(images)
+        seconds = time.perf_counter() - start
+        if abs(seen - expected) >= BATCH:  # DALI pads or drops to whole batches; nothing else may differ
+            sys.exit(f"an epoch yielded {seen} images, expected {expected}")
+        if index:
+            rates.append(seen / seconds)
+    return rates
+
+
+def torchvision_transform() -> Any:
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
+                               transforms.PILToTensor()])
+
+
+def data_loader(dataset: Any, **options: Any) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, **options)
+
+
+def images_of(batches: Iterable[Any]) -> Iterator[Any]:
+    for batch in batches:
+        yield batch[0]
+
+
+def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalised: bool = True) -> list[float]:
+    from trainer.data import LoaderSpec, make_loader
+    from trainer.dataset import open_dataset
+
+    dataset = open_dataset(str(shards))
+    spec = LoaderSpec(shards=tuple(dataset.shards("train")), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD,
+                      train=True, workers=WORKERS, shuffle_buffer=BUFFER, device=device)
+    loader = make_loader(spec, backend)
+    if normalised:
+        return time_epochs(lambda e: (batch.images for batch in loader.epoch(e)), epochs, loader.num_samples)
+    return time_epochs(lambda e: (raw["images"] for raw in loader.host_batches(e)), epochs,  # type: ignore[attr-defined]
+                       loader.num_samples)
+
+
+def run_imagefolder(files: Path, epochs: int) -> list[float]:
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(files), transform=torchvision_transform())
+    loader = data_loader(dataset, shuffle=True)
+    return time_epochs(lambda e: images_of(loader), epochs, len(dataset))
+
+
+def run_webdataset(shards: Path, epochs: int) -> list[float]:
+    import webdataset as wds
+
+    manifest = json.loads((shards / "dataset.json").read_text())
+    urls = [str(shards / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls)).shuffle(BUFFER).decode("pil").to_tuple("jpg", "cls")
+               .map_tuple(torchvision_transform(), lambda label: label))
+    loader = data_loader(dataset)
+    return time_epochs(lambda e: images_of(loader), epochs, manifest["splits"]["train"]["num_samples"])
+
+
+def run_dali_files(files: Path, device: str, epochs: int) -> list[float]:
+    import torch
+    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from trainer.data import LoaderSpec
+    from trainer.data.dali import augment
+
+    spec = LoaderSpec(shards=(), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD, train=True)
+    device_id = 0 if device == "cuda" else None
+    pipe = Pipeline(batch_size=BATCH, num_threads=WORKERS, device_id=device_id, seed=0)
+    with pipe:
+        encoded, labels = fn.readers.file(file_root=str(files), random_shuffle=True, initial_fill=BUFFER,
+                                          name="reader")
+        images = fn.decoders.image(encoded, device="mixed" if device == "cuda" else "cpu", output_type=types.RGB)
+        pipe.set_outputs(augment(images, spec), labels)
+    pipe.build()
+    iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+    total = pipe.epoch_size("reader")
+
+    def epoch(_: int) -> Iterator[torch.Tensor]:
+        for batch in iterator:
+            yield batch[0]["images"]
+
+    return time_epochs(epoch, epochs, total)
+
+
+_ENCODED: list[Any] = []  # the ceiling's JPEGs, inherited by its forked processes
+
+
+def _decode_range(task: tuple[int, int, int]) -> int:
+    """Decode + crop + flip _ENCODED[start:stop] in this process; the number done."""
+    import random
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    from trainer.data import LoaderSpec
+    from trainer.data.torch import transform
+
+    start, stop, seed = task
+    torch.set_num_threads(1)  # what each DataLoader worker runs with
+    spec = LoaderSpec(shards=(), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD, train=True)
+    rng = random.Random(seed)
+    for data in _ENCODED[start:stop]:
+        transform(decode_image(data, mode=ImageReadMode.RGB), spec, rng)
+    return stop - start
+
+
+def run_ceiling(shards: Path, epochs: int) -> list[float]:
+    import multiprocessing
+
+    import torch
+
+    _ENCODED[:] = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data, _ in train_members(shards)]
+    total = len(_ENCODED)
+    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:  # started once, outside the timing
+
+        def epoch(index: int) -> list[range]:
+            halves = [(total * i // WORKERS, total * (i + 1) // WORKERS, index) for i in range(WORKERS)]
+            return [range(done) for done in pool.map(_decode_range, halves)]  # one "batch" per process
+
+        return time_epochs(epoch, epochs, total)
+
+
+def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
+    """The timed epochs' images/s of row NAME (in this process)."""
+    device = "cuda" if name.endswith("-gpu") else "cpu"
+    base = name.removesuffix("-gpu")
+    if base == "shardtool-torch":
+        return run_shardtool(shards, "torch", device, epochs, normalised=False)
+    if base == "shardtool-torch-normalised":
+        return run_shardtool(shards, "torch", device, epochs)
+    if base == "shardtool-dali":
+        return run_shardtool(shards, "dali", device, epochs)
+    if base == "imagefolder":
+        return run_imagefolder(files, epochs)
+    if base == "imagefolder-256":
+        return run_imagefolder(resized_files(shards), epochs)
+    if base == "webdataset-naive":
+        return run_webdataset(shards, epochs)
+    if base == "dali-files":
+        return run_dali_files(files, device, epochs)
+    if base == "decode-ceiling":
+        return run_ceiling(shards, epochs)
+    if base in IN_OTHERS:
+        from benchmarks import others  # importable only in the other virtualenv
+
+        return others.run_mosaic(shards, epochs) if base == "mosaic" else others.run_litdata(shards, epochs)
+    raise ValueError(f"unknown row {name}")
+
+
+# ---- the parent: which rows, in which interpreter; the table -------------------------------------------------
+
+
+def others_python() -> tuple[str | None, str]:
+    """The other virtualenv's interpreter (made on first use), or None and why not."""
+    python = OTHERS / "bin" / "python"
+    if not python.exists():
+        log = CACHE / "venv-others.log"
+        CACHE.mkdir(exist_ok=True)
+        print(f"making {OTHERS} for the mosaic and litdata rows (once, a few minutes; log: {log})", file=sys.stderr)
+        with log.open("w") as out:
+            made = subprocess.run([sys.executable, "-m", "venv", str(OTHERS)], stdout=out, stderr=out).returncode == 0
+            made = made and subprocess.run([str(OTHERS / "bin" / "pip"), "install", *OTHERS_PACKAGES], stdout=out,
+                                           stderr=out).returncode == 0
+        if not made:
+            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+            return None, f"could not install {', '.join(OTHERS_PACKAGES[2:])} into {OTHERS}: {tail[0]}"
+    return str(python), ""
+
+
+def run_row(name: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for _ in range(args.repeats):
+        out = Path(tempfile.mkstemp(prefix="bench-loader-", suffix=".json")[1])
+        argv = [python, "-m", "benchmarks.loader", "--child", name, "--data", str(args.data), "--files",
+                str(args.files), "--epochs", str(args.epochs), "--child-out", str(out)]
+        _, rss = timed_run(argv, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+        runs.append((json.loads(out.read_text()), rss))
+        out.unlink()
+    rates = [rate for rates, _ in runs for rate in rates]
+    return row(name, rates, [rss for _, rss in runs], epochs=len(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="packed shards [clothing-small at shorter:256, packed once]")
+    parser.add_argument("--files", type=Path, help="the original class folders of --data's train split "
+                                                   "[clothing-small/train]")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per process, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per row")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.child_out.write_text(json.dumps(measure(args.child, args.data, args.files, args.epochs)))
+        return
+    if not args.data:
+        from benchmarks.fit import default_data
+
+        args.data = default_data()
+    args.files = args.files or default_files()
+    if not args.files.is_dir():
+        sys.exit(f"{args.files} not found: pass --files (the original class folders of the shards' train split)")
+    names = [n for n in args.rows.split(",") if n]
+    if unknown := set(names) - set(ROWS) - set(GPU_ROWS):
+        sys.exit(f"unknown rows: {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
+    if gpu_name():
+        names += [n for n in GPU_ROWS if n not in names and n.removesuffix("-gpu") in names]
+    results, notes = [], []
+    for name in names:
+        python = sys.executable
+        if name in IN_OTHERS:
+            python, why_not = others_python()
+            if python is None:
+                notes.append(f"{name}: not measured, {why_not}")
+                continue
+        results.append(run_row(name, python, args))
+    add_ratio(results, "vs_imagefolder", "imagefolder")
+    add_ratio(results, "vs_ceiling", "decode-ceiling")
+    settings = {"data": str(args.data), "files": str(args.files), "batch_size": BATCH, "image_size": SIZE,
+                "augment": "RandomResizedCrop + horizontal flip", "workers": WORKERS, "shuffle_buffer": BUFFER,
+                "timed_epochs_per_process": args.epochs, "warmup_epochs": 1, "repeats": args.repeats,
+                "train_images": sum(1 for _ in train_members(args.data))}
+    emit("loader", settings, results, ["name", "img_s", "vs_imagefolder", "vs_ceiling", "peak_rss_mb"], args.json,
+         notes)
+
+
+if __name__ == "__main__":
+    main()
