@@ -21,6 +21,7 @@ import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,10 +38,30 @@ RATIO = (3 / 4, 4 / 3)
 
 
 def read_segment(segment: Segment) -> Iterator[dict[str, Any]]:
-    """Raw samples START..STOP of one shard; a damaged tar raises with the shard's name."""
-    source = [{"url": segment.shard.url}]
-    samples = group_by_keys(tar_file_expander(url_opener(source)))
-    yield from islice(samples, segment.start, segment.stop)
+    """Raw samples START..STOP of one shard; a damaged tar raises with the shard's name.
+
+    Read through the shard's index (the .idx DALI reads: each member's offset and size), one seek and
+    one read per sample, because parsing the tar headers with tarfile costs ~100 us a sample, a sixth
+    of a worker's time. A shard without an index is read with webdataset's tar iterator.
+    """
+    index = Path(segment.shard.index_url) if segment.shard.index_url else None
+    if index is None or not index.is_file():
+        source = [{"url": segment.shard.url}]
+        yield from islice(group_by_keys(tar_file_expander(url_opener(source))), segment.start, segment.stop)
+        return
+    with index.open(encoding="utf-8") as lines, open(segment.shard.url, "rb") as tar:
+        for line in islice(lines, segment.start + 1, segment.stop + 1):  # line 0: "v1.2 <samples>"
+            fields = line.split()
+            members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
+            first = members[0][1]
+            tar.seek(first)
+            data = tar.read(max(offset + size for _, offset, size in members) - first)
+            sample: dict[str, Any] = {"__key__": fields[3][: -len(fields[0]) - 1], "__url__": segment.shard.url}
+            for ext, offset, size in members:
+                sample[ext] = data[offset - first:offset - first + size]
+                if len(sample[ext]) != size:
+                    raise ValueError(f"{segment.shard.url} is shorter than its index says (truncated?)")
+            yield sample
 
 
 def shuffled(samples: Iterable[dict[str, Any]], size: int, rng: random.Random,
