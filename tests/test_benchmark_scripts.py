@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.loader import ROWS
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
 
@@ -54,3 +55,29 @@ def test_report_renders_every_result_into_one_page_and_a_chart(tmp_path: Path) -
     assert page.index("## Loaders") < page.index("## zeta")  # the known benchmarks first, in their order
     assert "| shardtool-torch | 900.0 |" in page and "commit abc1234" in page and "batch=64" in page
     assert (tmp_path / "RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loader_benchmark_measures_ours_and_the_baselines_on_the_same_images(tmp_path: Path) -> None:
+    source = make_shapes(tmp_path / "shapes", per_class=20, size=64)
+    # 4 shards: webdataset's README pipeline splits whole shards across the 2 workers
+    assert run_cli("pack", source, tmp_path / "shards", "--workers", "0", "--shard-size", "20").exit_code == 0
+    results = tmp_path / "results"
+    rows = "shardtool-torch,shardtool-torch-normalised,imagefolder,webdataset-naive,decode-ceiling"
+    done = run_module("benchmarks.loader", "--data", str(tmp_path / "shards"), "--files", str(source), "--rows", rows,
+                      "--epochs", "1", "--repeats", "1", "--json", results=results)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = {r["name"]: r for r in json.loads(done.stdout)["results"]}
+    assert list(printed) == rows.split(",")
+    assert all(r["img_s"] > 0 and r["peak_rss_mb"] > 0 for r in printed.values())
+    assert printed["imagefolder"]["vs_imagefolder"] == 1.0 and printed["decode-ceiling"]["vs_ceiling"] == 1.0
+    ours = printed["shardtool-torch"]
+    assert ours["vs_imagefolder"] == round(ours["img_s"] / printed["imagefolder"]["img_s"], 3)
+    assert (results / "loader.md").read_text().startswith("| name | img_s | vs_imagefolder | vs_ceiling |")
+
+
+def test_loader_benchmark_rejects_an_unknown_row_in_one_line(tmp_path: Path) -> None:
+    source = make_shapes(tmp_path / "shapes", per_class=2, size=32)
+    done = run_module("benchmarks.loader", "--data", str(tmp_path), "--files", str(source), "--rows", "imagefolder,pytorch",
+                      results=tmp_path / "results")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"unknown rows: pytorch (choose from {', '.join(ROWS)})")
