@@ -24,6 +24,12 @@ from typing import Any
 
 # Where results/*.json go; tests point it elsewhere so a smoke run never overwrites the measured ones.
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
+CACHE = Path(__file__).parent / ".cache"  # data, converted copies and the other virtualenv (gitignored)
+OTHER_VENV = CACHE / "venv-others"
+# What the alternatives need that must not enter our environment: mosaicml-streaming pins numpy < 2.2,
+# img2dataset pins webdataset 0.2 and albumentations; all pull in cloud SDKs.
+OTHER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "mosaicml-streaming>=0.13,<0.14", "litdata>=0.2.70,<0.3",
+                  "img2dataset>=1.45,<2"]
 PACKAGES = ("shardtool", "torch", "torchvision", "nvidia-dali-cuda130", "pillow", "simplejpeg", "pymongo",
             "webdataset", "mosaicml-streaming", "litdata", "img2dataset", "numpy")
 
@@ -60,6 +66,24 @@ def commit() -> str | None:
 def tool(name: str) -> str:
     """The console script NAME installed beside this interpreter (shardtool, trainer)."""
     return str(Path(sys.executable).with_name(name))
+
+
+def other_venv() -> tuple[Path | None, str]:
+    """The bin/ of the alternatives' virtualenv (made on first use, a few minutes), or None and why not."""
+    bin_dir = OTHER_VENV / "bin"
+    if not (bin_dir / ".complete").exists():
+        CACHE.mkdir(exist_ok=True)
+        log = CACHE / "venv-others.log"
+        print(f"making {OTHER_VENV} for the alternatives (once; log: {log})", file=sys.stderr)
+        with log.open("w") as out:
+            made = subprocess.run([sys.executable, "-m", "venv", str(OTHER_VENV)], stdout=out, stderr=out).returncode == 0
+            made = made and subprocess.run([str(bin_dir / "pip"), "install", *OTHER_PACKAGES], stdout=out,
+                                           stderr=out).returncode == 0
+        if not made:
+            last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+            return None, f"could not install {', '.join(OTHER_PACKAGES[2:])} into {OTHER_VENV}: {last}"
+        (bin_dir / ".complete").touch()
+    return bin_dir, ""
 
 
 def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:

@@ -30,7 +30,8 @@ median and the JSON min/median/max.
 - mosaic, litdata: Mosaic Streaming and LitData on their own converted copies of the shards' JPEGs
   (MDS / litdata chunks, made once), with their own dataset + loader, PIL decode + the same transform.
   They pin numpy < 2.2 (mosaic) and pull in cloud SDKs, so they run from their own virtualenv in
-  benchmarks/.cache/venv-others, made on first use (torch from the same wheels); no network, no rows.
+  benchmarks/.cache/venv-others (common.other_venv: made on first use, torch from the same wheels);
+  where it cannot be made (no network), the rows are left out with the reason in the notes.
 
 With no --data, clothing-small is packed at shorter:256 into benchmarks/.cache (once, as fit.py
 does); --files defaults to clothing-small/train, the originals those shards were packed from. A GPU
@@ -42,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -51,11 +51,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, gpu_name, row, timed_run
+from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, row, timed_run
 
-CACHE = Path(__file__).parent / ".cache"
-OTHERS = CACHE / "venv-others"
-OTHERS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "mosaicml-streaming>=0.13,<0.14", "litdata>=0.2.70,<0.3"]
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ROWS = ("shardtool-torch", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256", "webdataset-naive", "dali-files",
@@ -265,23 +262,6 @@ def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
 # ---- the parent: which rows, in which interpreter; the table -------------------------------------------------
 
 
-def others_python() -> tuple[str | None, str]:
-    """The other virtualenv's interpreter (made on first use), or None and why not."""
-    python = OTHERS / "bin" / "python"
-    if not python.exists():
-        log = CACHE / "venv-others.log"
-        CACHE.mkdir(exist_ok=True)
-        print(f"making {OTHERS} for the mosaic and litdata rows (once, a few minutes; log: {log})", file=sys.stderr)
-        with log.open("w") as out:
-            made = subprocess.run([sys.executable, "-m", "venv", str(OTHERS)], stdout=out, stderr=out).returncode == 0
-            made = made and subprocess.run([str(OTHERS / "bin" / "pip"), "install", *OTHERS_PACKAGES], stdout=out,
-                                           stderr=out).returncode == 0
-        if not made:
-            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-            return None, f"could not install {', '.join(OTHERS_PACKAGES[2:])} into {OTHERS}: {tail[0]}"
-    return str(python), ""
-
-
 def run_row(name: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for _ in range(args.repeats):
@@ -326,7 +306,8 @@ def main() -> None:
     for name in names:
         python = sys.executable
         if name in IN_OTHERS:
-            python, why_not = others_python()
+            bin_dir, why_not = other_venv()
+            python = str(bin_dir / "python") if bin_dir else None
             if python is None:
                 notes.append(f"{name}: not measured, {why_not}")
                 continue

@@ -10,7 +10,8 @@ SOURCE is a class-folder dataset (default: $SHARDTOOL_REAL_DATA/clothing-small, 
   and its bytes copied;
 - img2dataset: the same files as file:// URLs (a CSV with a label column), `resize_mode=keep_ratio`
   (shorter side to SIZE, its default `area` interpolation where we use bilinear), webdataset output,
-  1000 samples per shard, one process per core;
+  1000 samples per shard, one process per core; run from benchmarks/.cache/venv-others
+  (common.other_venv, made on first use: it pins webdataset 0.2, which our loader must not get);
 - hand-loop: one process that opens, converts to RGB, resizes the shorter side to SIZE and saves a JPEG
   per file, as people write it (no validation, no shards, no statistics).
 
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, other_venv, row, timed_run, tool
 
 HAND_LOOP = """
 import sys
@@ -78,8 +79,8 @@ def url_list(photos: list[Path], source: Path, work: Path) -> Path:
     return path
 
 
-def img2dataset_argv(urls: Path, size: int, cores: int) -> Argv:
-    return lambda out: [tool("img2dataset"), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+def img2dataset_argv(command: str, urls: Path, size: int, cores: int) -> Argv:
+    return lambda out: [command, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
                         "--save_additional_columns", '["label"]', "--output_folder", str(out),
                         "--output_format", "webdataset", "--image_size", str(size), "--resize_mode", "keep_ratio",
                         "--encode_quality", "90", "--number_sample_per_shard", "1000",
@@ -102,10 +103,11 @@ def runs(source: Path, size: int, urls: Path, cores: int) -> tuple[list[tuple[st
                  ("shardtool-dali-passthrough", shardtool("dali"), None)]
     else:
         notes.append("shardtool-dali-*: not measured, nvidia-dali is not installed (pip install -e '.[dali]')")
-    if Path(tool("img2dataset")).is_file():
-        rows.append(("img2dataset", img2dataset_argv(urls, size, cores), I2D_ENV))
+    bin_dir, why_not = other_venv()
+    if bin_dir:
+        rows.append(("img2dataset", img2dataset_argv(str(bin_dir / "img2dataset"), urls, size, cores), I2D_ENV))
     else:
-        notes.append("img2dataset: not measured, not installed here (pip install -e '.[bench]')")
+        notes.append(f"img2dataset: not measured, {why_not}")
     hand = [sys.executable, "-c", HAND_LOOP, str(source)]
     rows.append(("hand-loop", lambda out: [*hand, str(out), str(size)], None))
     return rows, notes
