@@ -76,9 +76,8 @@ def other_venv() -> tuple[Path | None, str]:
         log = CACHE / "venv-others.log"
         print(f"making {OTHER_VENV} for the alternatives (once; log: {log})", file=sys.stderr)
         with log.open("w") as out:
-            made = subprocess.run([sys.executable, "-m", "venv", str(OTHER_VENV)], stdout=out, stderr=out).returncode == 0
-            made = made and subprocess.run([str(bin_dir / "pip"), "install", *OTHER_PACKAGES], stdout=out,
-                                           stderr=out).returncode == 0
+            steps = ([sys.executable, "-m", "venv", str(OTHER_VENV)], [str(bin_dir / "pip"), "install", *OTHER_PACKAGES])
+            made = all(subprocess.run(step, stdout=out, stderr=out).returncode == 0 for step in steps)
         if not made:
             last = (log.read_text().strip().splitlines() or ["no output"])[-1]
             return None, f"could not install {', '.join(OTHER_PACKAGES[2:])} into {OTHER_VENV}: {last}"

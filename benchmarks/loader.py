@@ -55,8 +55,8 @@ from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, row,
 
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROWS = ("shardtool-torch", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256", "webdataset-naive", "dali-files",
-        "decode-ceiling", "mosaic", "litdata")
+ROWS = ("shardtool-torch", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256",
+        "webdataset-naive", "dali-files", "decode-ceiling", "mosaic", "litdata")
 GPU_ROWS = ("shardtool-dali-gpu", "dali-files-gpu")
 IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's interpreter
 
@@ -143,8 +143,8 @@ def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalis
     loader = make_loader(spec, backend)
     if normalised:
         return time_epochs(lambda e: (batch.images for batch in loader.epoch(e)), epochs, loader.num_samples)
-    return time_epochs(lambda e: (raw["images"] for raw in loader.host_batches(e)), epochs,  # type: ignore[attr-defined]
-                       loader.num_samples)
+    host_batches = loader.host_batches  # type: ignore[attr-defined]  # TorchLoader's
+    return time_epochs(lambda e: (raw["images"] for raw in host_batches(e)), epochs, loader.num_samples)
 
 
 def run_imagefolder(files: Path, epochs: int) -> list[float]:
