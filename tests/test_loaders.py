@@ -279,3 +279,21 @@ def test_the_shuffle_buffer_starts_yielding_before_it_is_full_and_loses_nothing(
     assert sorted(order) == list(range(5000)) and order[:200] != sorted(order[:200])
     replay = [s["__key__"] for s in shuffled(({"__key__": i} for i in range(5000)), 1000, random.Random(0))]
     assert replay == order  # the same RNG replays the same order (what resume relies on)
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "short index"])
+def test_torch_counts_every_sample_a_damaged_shard_loses_and_keeps_the_rest(packed, tmp_path, damage):
+    out = Path(shutil.copytree(packed, tmp_path / "out"))
+    if damage == "truncated shard":  # the last 4 of val-000000's 10 samples are cut off
+        tar = out / "val-000000.tar"
+        offset = int((out / "val-000000.idx").read_text().splitlines()[7].split()[1]) - 512
+        tar.write_bytes(tar.read_bytes()[:offset])
+    else:  # the index lost its last 4 lines
+        index = out / "val-000000.idx"
+        index.write_text("".join(index.read_text().splitlines(keepends=True)[:7]))
+    batches = run_epoch(make_loader(spec_of(out, "val", on_corrupt="skip"), "torch"))
+
+    assert flat_keys(batches) == keys_in(packed, "val")[:6] + keys_in(packed, "val")[10:]
+    skipped = [why for b in batches for _, why in b.skipped]
+    assert len(skipped) == 4 and skipped[0].startswith("corrupt shard: ")
+    assert skipped[1:] == ["lost to the corrupt shard above"] * 3
