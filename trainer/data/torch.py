@@ -1,12 +1,13 @@
 """The torch/webdataset loader: tar members -> decoded uint8 crops in DataLoader workers -> Batch on the device.
 
-Each worker runs one webdataset-style pipeline of small generators over the samples plan.py gave it:
+Each worker (persistent across epochs) runs one webdataset-style pipeline of small generators over
+the samples plan.py gave it:
 
-    segments -> raw samples {__key__, jpg|png, cls, json}   (webdataset's tar iterator, no decoding)
-             -> shuffle buffer (training)                     (seeded per epoch, rank and worker)
+    segments -> raw samples {__key__, jpg|png, cls, json}   (read at the .idx offsets, no decoding)
+             -> shuffle buffer (training)                     (webdataset's, seeded per epoch, rank, worker)
              -> skip the samples already trained on          (resume mid-epoch)
              -> planned batches of raw samples
-             -> decode + crop/flip -> uint8 tensors           (torchvision.io, per-sample seeded RNG)
+             -> decode + crop/flip -> uint8 batch in shared memory  (torchvision.io, per-sample seeded RNG)
     main:    -> pinned host batch -> device, float, normalised, channels_last
 
 Augmentation draws from a generator seeded by (seed, epoch, key), not from a stream, so a resumed
