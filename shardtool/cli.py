@@ -125,9 +125,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("pack", total=None, written=0, skipped=0)
 
-        def update(p: Any) -> None:
-            if p.done % 64 == 0 or p.done == p.total:
-                bar.update(task, completed=p.done, total=p.total, written=p.written, skipped=p.skipped)
+        def update(p: Any) -> None:  # called once per batch of samples
+            bar.update(task, completed=p.done, total=p.total, written=p.written, skipped=p.skipped)
 
         manifest = run_pack(config, update)
     if as_json:

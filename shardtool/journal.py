@@ -9,6 +9,7 @@ no more memory than a 10-shard one.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ class Journal:
         (self.folder / "run.json").write_text(json.dumps(identity, sort_keys=True, indent=1))
         with open(self.path, "ab") as file:
             file.truncate(self._valid_bytes)  # drop a half-written last line
+
+    def spool(self) -> Path:
+        """An empty folder for Runs on their way from the workers (sink.Run); anything left there by a
+        killed run is removed."""
+        folder = self.folder / "spool"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return folder
 
     def resume_point(self, split: str) -> tuple[int, int]:
         """(next shard index, inputs of this split already accounted for)."""

@@ -4,11 +4,11 @@
     items = known_categories(items, categories)  # labels missing from --categories become skips
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
-    items = ordered_map(encode_batch, items)     # worker processes: decode, RGB, resize (PIL or DALI), encode, tar members
-
-For a reader with byte-range partitions (a BSON dump) the workers do the reading too, so splits are
-assigned after the workers (see packed_items).
-    for item in items: sinks[item.split].add(item)
+    runs = ordered_map(encode_batch, items)      # worker processes: decode, RGB, resize (PIL or DALI), encode,
+                                                 # tar members: a Run per batch (sink.py)
+For a reader with byte-range partitions (a BSON dump) the workers do the reading and the splits too,
+and a resumed run's finished items are dropped after them (see packed_runs).
+    for run in runs: for each entry: sinks[entry.split].add(entry, run.data)
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.readers import Reader, open_reader
 from shardtool.sample import Item, Sample, Skip
-from shardtool.sink import SplitSink, with_block
-from shardtool.splits import Splitter, assign_splits, skip_done, unit_hash
+from shardtool.sink import Run, SplitSink, encode_run
+from shardtool.splits import Resumed, Splitter, assign_splits, skip_done, unit_hash
 
 PARALLEL_SCAN_BYTES = 8 << 30  # auto: smaller dumps are scanned in-process (see _scan_workers)
 SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
@@ -145,19 +145,24 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     sinks: dict[str, SplitSink] = {}
     index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
     counts = Progress(sum(done.values()), found.total, 0, 0)
+    encode = partial(encode_batch, spec=spec, classes=index, spool=str(journal.spool()))
 
     # Two threads beside this loop: one writes and hashes shard bytes, the other fsyncs and journals them.
     with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
-        for item in packed_items(reader, categories, splitter, partial(encode_batch, spec=spec, classes=index),
-                                 done, config.workers):
-            split = item.split or "train"
-            if split not in sinks:
-                sinks[split] = SplitSink(Path(config.out), split, index, journal, config.shard_size,
-                                         config.shard_bytes, writes, seals)
-            sinks[split].add(item)
-            counts.done += 1
-            counts.skipped += isinstance(item, Skip)
-            counts.written += isinstance(item, Sample)
+        for run in packed_runs(reader, categories, splitter, encode, done, config.workers):
+            data = memoryview(run.data)
+            for entry in run.entries:
+                split = entry.split or "train"
+                if split not in sinks:
+                    sinks[split] = SplitSink(Path(config.out), split, journal, config.shard_size,
+                                             config.shard_bytes, writes, seals)
+                if isinstance(entry, Skip):
+                    sinks[split].skip(entry)
+                    counts.skipped += 1
+                else:
+                    sinks[split].add(entry, data)
+                    counts.written += 1
+            counts.done += len(run.entries)
             if progress:
                 progress(counts)
         for sink in sinks.values():
@@ -166,32 +171,37 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
 
-def packed_items(reader: Reader, categories: Categories | None, splitter: Splitter | None,
-                 encode_items: Callable[[list[Item]], list[Item]], done: dict[str, int],
-                 workers: int | None) -> Iterator[Item]:
-    """Encoded Sample | Skip in the source's order, each with its split, minus what `done` accounts for."""
+def packed_runs(reader: Reader, categories: Categories | None, splitter: Splitter | None,
+                encode_items: Callable[[list[Item]], list[Run]], done: dict[str, int],
+                workers: int | None) -> Iterator[Run]:
+    """Runs of encoded Samples and Skips in the source's order, each with its split, minus what `done`
+    (a resumed run's journal) accounts for."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
-        read = partial(read_and_encode, reader=reader, categories=categories, encode_items=encode_items)
-        items = ordered_map(read, reader.partitions(), workers, batch=1)  # encoded Sample | Skip
-        items = assign_splits(items, splitter)  # ... each with its split
-        return skip_done(items, done)  # ... minus a resumed run's finished shards (checked again, not written)
+        read = partial(read_and_encode, reader=reader, categories=categories, splitter=splitter,
+                       encode_items=encode_items)
+        resumed = Resumed(done)
+        for run in ordered_map(read, reader.partitions(), workers, batch=1):
+            if resumed.left:  # a resumed run's finished shards: checked again, not written
+                run.entries = [entry for entry in run.entries if resumed.keep(entry)]
+            yield run
+        return
     items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
     items = assign_splits(items, splitter)        # ... each with its split
     items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
-    return ordered_map(encode_items, items, workers)  # encoded Sample | Skip
+    yield from ordered_map(encode_items, items, workers)  # Runs of encoded Sample | Skip
 
 
-def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, int | None]) -> list[Item]:
-    """In a worker: check and encode each image, then build its tar members (the writer only appends)."""
+def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, int | None], spool: str) -> list[Run]:
+    """In a worker: check and encode each image, then build the tar members (the writer only appends)."""
     process_batch = pil.process_batch if spec.backend == "pil" else dali.process_batch
-    return [with_block(item, classes) for item in process_batch(items, spec)]
+    return [encode_run(process_batch(items, spec), classes, spool)]
 
 
 def read_and_encode(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
-                    encode_items: Callable[[list[Item]], list[Item]]) -> list[Item]:
-    """In a worker: the items of some byte ranges of the source, checked and encoded."""
+                    splitter: Splitter | None, encode_items: Callable[[list[Item]], list[Run]]) -> list[Run]:
+    """In a worker: the items of some byte ranges of the source, with their splits, checked and encoded."""
     items = known_categories(itertools.chain.from_iterable(reader.read(span) for span in spans), categories)
-    return encode_items(list(items))
+    return encode_items(list(assign_splits(items, splitter)))
 
 
 def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str | None, str, int]]:
@@ -228,5 +238,6 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
                         "re-run with a higher --max-skip-fraction to accept (written shards are kept)")
     for stale in out.glob("*.tmp"):
         stale.unlink()
+    shutil.rmtree(journal.folder / "spool", ignore_errors=True)
     write_json_atomic(out / MANIFEST, manifest)
     return manifest

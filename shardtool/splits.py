@@ -69,11 +69,26 @@ def _with_split(item: Item, split: str) -> Item:
     return item.with_(split=split) if isinstance(item, Sample) else replace(item, split=split)
 
 
+class Resumed:
+    """What an earlier run of the same pack wrote: the first done[split] items of each split, in order."""
+
+    def __init__(self, done: dict[str, int]) -> None:
+        self.left = {split: count for split, count in done.items() if count > 0}
+
+    def keep(self, item: Item) -> bool:
+        """False for an item that the earlier run's shards account for (call once per item, in order)."""
+        if not self.left:
+            return True
+        split = item.split or "train"
+        if split not in self.left:
+            return True
+        self.left[split] -= 1
+        if not self.left[split]:
+            del self.left[split]
+        return False
+
+
 def skip_done(items: Iterable[Item], done: dict[str, int]) -> Iterator[Item]:
     """Drop the first done[split] items of each split: a resumed run has shards for them already."""
-    seen: dict[str, int] = {}
-    for item in items:
-        split = item.split or "train"
-        seen[split] = seen.get(split, 0) + 1
-        if seen[split] > done.get(split, 0):
-            yield item
+    resumed = Resumed(done)
+    return (item for item in items if resumed.keep(item))

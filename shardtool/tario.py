@@ -37,21 +37,32 @@ def member_header(name: str, size: int) -> bytes:
                         checksum, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
 
 
+Members = tuple[tuple[str, int, int, str], ...]  # (ext, data offset from the sample's first byte, size, name)
+
+
 class Block(NamedTuple):
     """One sample's members as tar bytes, built anywhere (a worker) and appended to a shard as is."""
 
     data: bytes
-    members: tuple[tuple[str, int, int, str], ...]  # (ext, data offset within `data`, size, member name)
+    members: Members
 
 
-def encode_sample(key: str, members: list[tuple[str, bytes]]) -> Block:
-    chunks, entries, offset = [], [], 0
+def sample_chunks(key: str, members: list[tuple[str, bytes]], chunks: list[bytes]) -> tuple[int, Members]:
+    """Appends a sample's members (header, data, padding each) to `chunks`; returns their total size
+    and index entries. Callers join many samples' chunks at once: one copy of the bytes, not two."""
+    entries, offset = [], 0
     for ext, data in members:
         name = f"{key}.{ext}"
         chunks += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
         entries.append((ext, offset + BLOCK, len(data), name))
         offset += BLOCK + len(data) + (-len(data) % BLOCK)
-    return Block(b"".join(chunks), tuple(entries))
+    return offset, tuple(entries)
+
+
+def encode_sample(key: str, members: list[tuple[str, bytes]]) -> Block:
+    chunks: list[bytes] = []
+    _, entries = sample_chunks(key, members, chunks)
+    return Block(b"".join(chunks), entries)
 
 
 class TarShard:
@@ -65,11 +76,11 @@ class TarShard:
     def __init__(self, file: BinaryIO, run: Callable[..., None] | None = None) -> None:
         self._file, self._sha256, self.bytes_written = file, hashlib.sha256(), 0
         self._run = run or _now
-        self._chunk: list[bytes] = []
+        self._chunk: list[bytes | memoryview] = []
         self._chunk_bytes = 0
-        self.index_lines: list[str] = []
+        self._index: list[tuple[int, Members]] = []  # formatted by index_text(), off the writer's path
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         self._chunk.append(data)
         self._chunk_bytes += len(data)
         self.bytes_written += len(data)
@@ -91,11 +102,12 @@ class TarShard:
         self.add_block(encode_sample(key, members))
 
     def add_block(self, block: Block) -> None:
+        self.add(block.data, block.members)
+
+    def add(self, data: bytes | memoryview, members: Members) -> None:
         """A sample's members, written (and hashed) as one piece; its index line gets shard offsets."""
-        base = self.bytes_written
-        self._write(block.data)
-        self.index_lines.append(" ".join([f"{ext} {base + offset} {size} {name}"
-                                          for ext, offset, size, name in block.members]))
+        self._index.append((self.bytes_written, members))
+        self._write(data)
 
     def end(self) -> int:
         """Finish the archive (two zero blocks, padded to a record) and flush it; returns its size."""
@@ -113,7 +125,9 @@ class TarShard:
         return self.end(), self.digest()
 
     def index_text(self) -> str:
-        return f"{IDX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
+        lines = [" ".join([f"{ext} {base + offset} {size} {name}" for ext, offset, size, name in members]) + "\n"
+                 for base, members in self._index]
+        return f"{IDX_VERSION} {len(lines)}\n" + "".join(lines)
 
 
 def _now(fn: Callable[..., None], *args: object) -> None:

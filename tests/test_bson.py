@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import signal
 import struct
 import tarfile
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shardtool.sink import Encoded, Run
 from tests.shards import read_shards
 from tests.test_bad_input import assert_config_error, corrupt_jpeg, jpeg_bytes, noisy_jpeg, read_rejects
 from tests.test_resume import SHARDTOOL, journaled_shards, kill_after_shards, run, shard_digests
@@ -449,6 +451,19 @@ def test_bson_pack_gives_the_same_bytes_with_any_number_of_workers(products, uni
     for name in ("dataset.json", "rejects.jsonl"):
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
     assert all(len(found) == 1 for found in splits_of_products(out).values())
+    assert not (out / ".shardtool" / "spool").exists()  # the workers' hand-off files are gone
+
+
+def test_a_run_crosses_processes_through_a_spool_file_that_is_then_removed(tmp_path):
+    big = Run(bytes(range(256)) * 4096, [Encoded("train", 3, 0, 1 << 20, (("jpg", 512, 100, "a.jpg"),), None)],
+              str(tmp_path))
+    pickled = pickle.dumps(big)
+    assert len(pickled) < 10_000 and len(list(tmp_path.iterdir())) == 1  # the bytes went to a file
+    copy = pickle.loads(pickled)
+    assert copy.data == big.data and copy.entries == big.entries
+    assert not list(tmp_path.iterdir())
+    small = Run(b"x" * 100, [], str(tmp_path))
+    assert pickle.loads(pickle.dumps(small)).data == small.data and not list(tmp_path.iterdir())
 
 
 # --- stratified splits --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -105,6 +106,7 @@ class BsonReader:
         self.path = Path(source)
         self.label_field = label_field
         self.labelled: bool | None = None  # decided by peeking at the first documents
+        self._bounds: array[int] | None = None  # partition boundaries, once a walk has found them all
         if self.path.stat().st_size == 0 or not looks_like_bson(self.path):
             raise ConfigError(f"{self.path} is not a BSON dump (it does not start with a BSON document)")
         self.labelled = self._peek_labelled()
@@ -136,8 +138,13 @@ class BsonReader:
         """Byte ranges of about `documents` documents each, so worker processes share one big file.
 
         Walks the length prefixes only (about 1 us per document); a range ends only where a document
-        verifiably starts. Damage inside a range is found and counted by whoever reads it.
+        verifiably starts. Damage inside a range is found and counted by whoever reads it. The walk's
+        boundaries are kept (8 bytes per range), so pack's second pass does not walk again.
         """
+        if self._bounds is not None and documents == PARTITION_DOCUMENTS:
+            yield from zip(self._bounds, self._bounds[1:])
+            return
+        bounds = array("q", [0])
         with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             start = position = count = 0
             while position < len(buf):
@@ -146,9 +153,13 @@ class BsonReader:
                 count += 1
                 if count >= documents and position < len(buf) and self._parse(buf, position):
                     yield start, position
+                    bounds.append(position)
                     _release(buf, start, position)
                     start, count = position, 0
             yield start, len(buf)
+            bounds.append(len(buf))
+        if documents == PARTITION_DOCUMENTS:
+            self._bounds = bounds
 
     def scan(self, span: tuple[int, int] | None = None) -> Iterator[tuple[str | None, str, int]]:
         """(label, group, items) per document, for pack's first pass: no Sample built."""
