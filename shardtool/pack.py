@@ -8,7 +8,7 @@
                                                  # tar members: a Run per batch (sink.py)
 For a reader with byte-range partitions (a BSON dump) the workers do the reading and the splits too,
 and a resumed run's finished items are dropped after them (see packed_runs).
-    for run in runs: for each entry: sinks[entry.split].add(entry, run.data)
+    for run in runs: for each stretch of one split: sinks[split].add(stretch, run.data)
 """
 
 from __future__ import annotations
@@ -151,17 +151,16 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
         for run in packed_runs(reader, categories, splitter, encode, done, config.workers):
             data = memoryview(run.data)
-            for entry in run.entries:
-                split = entry.split or "train"
+            for split, stretch in run.stretches():
                 if split not in sinks:
                     sinks[split] = SplitSink(Path(config.out), split, journal, config.shard_size,
                                              config.shard_bytes, writes, seals)
-                if isinstance(entry, Skip):
-                    sinks[split].skip(entry)
+                if isinstance(stretch, Skip):
+                    sinks[split].skip(stretch)
                     counts.skipped += 1
                 else:
-                    sinks[split].add(entry, data)
-                    counts.written += 1
+                    sinks[split].add(stretch, data)
+                    counts.written += len(stretch)
             counts.done += len(run.entries)
             if progress:
                 progress(counts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,6 +59,22 @@ class Run:
 
     def __init__(self, data: bytes, entries: list[Encoded | Skip], spool: str | None = None) -> None:
         self.data, self.entries, self.spool = data, entries, spool
+
+    def stretches(self) -> Iterator[tuple[str, list[Encoded] | Skip]]:
+        """(split, consecutive samples of that split, contiguous in data) or (split, one Skip), in order.
+        (Entries dropped on a resume leave gaps in data: a stretch ends at a gap too.)"""
+        samples: list[Encoded] = []
+        for entry in self.entries:
+            if samples and (isinstance(entry, Skip) or entry.split != samples[0].split
+                            or entry.start != samples[-1].start + samples[-1].size):
+                yield samples[0].split, samples
+                samples = []
+            if isinstance(entry, Skip):
+                yield entry.split or "train", entry
+            else:
+                samples.append(entry)
+        if samples:
+            yield samples[0].split, samples
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         if self.spool is None or len(self.data) <= SPOOL_BYTES:
@@ -116,25 +132,48 @@ class SplitSink:
         self._skips.append(skip.as_dict())
         self.consumed += 1
 
-    def add(self, sample: Encoded, data: memoryview) -> None:
-        """A sample of a Run whose bytes are `data` (sample.start and .size locate its members there)."""
-        if self._shard is not None and self.shard_bytes and self._shard.bytes_written + sample.size > self.shard_bytes:
-            self._finish()
-        if self._shard is None:
-            self._file = open(self._path(".tar.tmp"), "wb")
-            self._shard = TarShard(self._file, self.writes.submit)
-        self._shard.add(data[sample.start:sample.start + sample.size], sample.members)
-        self._count += 1
-        self.consumed += 1
-        if sample.index is not None:
-            self._class_counts[sample.index] = self._class_counts.get(sample.index, 0) + 1
-        if sample.stats is not None:
-            total, squares, pixels = sample.stats
-            self._sum = [a + b for a, b in zip(self._sum, total)]
-            self._sum2 = [a + b for a, b in zip(self._sum2, squares)]
-            self._pixels += pixels
-        if self._count >= self.shard_size:
-            self._finish()
+    def add(self, samples: list[Encoded], data: memoryview) -> None:
+        """Consecutive samples of a Run (a stretch), whose bytes lie back to back in `data`: written a
+        shard's worth at a time, as one piece."""
+        i = 0
+        while i < len(samples):
+            if self._shard is None:
+                self._file = open(self._path(".tar.tmp"), "wb")
+                self._shard = TarShard(self._file, self.writes.submit)
+            end = self._fitting(samples, i)
+            if end == i:  # the next sample would take the shard past --shard-bytes
+                self._finish()
+                continue
+            base = samples[i].start
+            self._shard.add_many(data[base:samples[end - 1].start + samples[end - 1].size],
+                                 [(sample.start - base, sample.members) for sample in samples[i:end]])
+            for sample in samples[i:end]:
+                if sample.index is not None:
+                    self._class_counts[sample.index] = self._class_counts.get(sample.index, 0) + 1
+                if sample.stats is not None:
+                    total, squares, pixels = sample.stats
+                    self._sum = [a + b for a, b in zip(self._sum, total)]
+                    self._sum2 = [a + b for a, b in zip(self._sum2, squares)]
+                    self._pixels += pixels
+            self._count += end - i
+            self.consumed += end - i
+            i = end
+            if self._count >= self.shard_size:
+                self._finish()
+
+    def _fitting(self, samples: list[Encoded], i: int) -> int:
+        """The end of samples[i:] that goes into the open shard: up to --shard-size samples, and up to
+        --shard-bytes (a shard's first sample always goes in, however big)."""
+        end = min(len(samples), i + self.shard_size - self._count)
+        if not self.shard_bytes:
+            return end
+        assert self._shard is not None
+        written = self._shard.bytes_written
+        for j in range(i, end):
+            if written + samples[j].size > self.shard_bytes and (j > i or self._count):
+                return j
+            written += samples[j].size
+        return end
 
     def _path(self, suffix: str) -> Path:
         return self.out / (shard_name(self.split, self.next_index) + suffix)

@@ -90,7 +90,7 @@ class TarShard:
     def flush(self) -> None:
         """Hand the gathered bytes to `run`, as one buffer (one write, one hash update)."""
         if self._chunk:
-            data = b"".join(self._chunk)
+            data = self._chunk[0] if len(self._chunk) == 1 else b"".join(self._chunk)  # (a big piece: no copy)
             self._chunk, self._chunk_bytes = [], 0
             self._run(self._emit, data)
 
@@ -102,11 +102,13 @@ class TarShard:
         self.add_block(encode_sample(key, members))
 
     def add_block(self, block: Block) -> None:
-        self.add(block.data, block.members)
+        self.add_many(block.data, [(0, block.members)])
 
-    def add(self, data: bytes | memoryview, members: Members) -> None:
-        """A sample's members, written (and hashed) as one piece; its index line gets shard offsets."""
-        self._index.append((self.bytes_written, members))
+    def add_many(self, data: bytes | memoryview, samples: list[tuple[int, Members]]) -> None:
+        """Samples' members back to back in `data`, written (and hashed) as one piece; `samples` gives
+        each one's offset in data and its members, for index lines with shard offsets."""
+        base = self.bytes_written
+        self._index += [(base + offset, members) for offset, members in samples]
         self._write(data)
 
     def end(self) -> int:

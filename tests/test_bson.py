@@ -454,6 +454,31 @@ def test_bson_pack_gives_the_same_bytes_with_any_number_of_workers(products, uni
     assert not (out / ".shardtool" / "spool").exists()  # the workers' hand-off files are gone
 
 
+def sample_bytes(shard: Path) -> list[int]:
+    """Each sample's bytes in a shard (its members' headers, data and padding), in order."""
+    sizes: dict[str, int] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key = member.name.rsplit(".", 1)[0]
+            sizes[key] = sizes.get(key, 0) + 512 + -(-member.size // 512) * 512
+    return list(sizes.values())
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_shard_bytes_fills_each_shard_as_far_as_the_limit(products, tmp_path, cli, workers):
+    limit = 60_000
+    out = tmp_path / "out"
+    result = cli("pack", products, out, "--shard-bytes", str(limit), "--shard-size", "1000", "--workers", workers,
+                 "--max-skip-fraction", "0.05")
+
+    assert result.exit_code == 0, result.output
+    shards = [sample_bytes(path) for path in sorted(out.glob("train-*.tar"))]
+    assert sum(map(len, shards)) == 594 and len(shards) > 5
+    for shard, following in zip(shards, shards[1:]):
+        assert sum(shard) <= limit or len(shard) == 1
+        assert sum(shard) + following[0] > limit  # the next sample would not have fitted
+
+
 def test_a_run_crosses_processes_through_a_spool_file_that_is_then_removed(tmp_path):
     big = Run(bytes(range(256)) * 4096, [Encoded("train", 3, 0, 1 << 20, (("jpg", 512, 100, "a.jpg"),), None)],
               str(tmp_path))
