@@ -59,10 +59,14 @@ def folder_bytes(folder: Path) -> int:
 
 def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
             env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run."""
+    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run.
+
+    Each run starts after os.sync(), so none pays for writing back the last one's output: a run that
+    leaves its output in the page cache (the bare copy does) would otherwise slow down the next one."""
     seconds, rss = [], []
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()
         wall, peak = timed_run(argv_for(out), env)
         seconds.append(wall)
         rss.append(peak)

@@ -199,8 +199,8 @@ def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, 
 def read_and_encode(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
                     splitter: Splitter | None, encode_items: Callable[[list[Item]], list[Run]]) -> list[Run]:
     """In a worker: the items of some byte ranges of the source, with their splits, checked and encoded."""
-    items = known_categories(itertools.chain.from_iterable(reader.read(span) for span in spans), categories)
-    return encode_items(list(assign_splits(items, splitter)))
+    items = itertools.chain.from_iterable(reader.read(span, splitter) for span in spans)
+    return encode_items(list(assign_splits(known_categories(items, categories), splitter)))  # (splits of Skips)
 
 
 def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str | None, str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,8 @@ class Sample:
     def with_(self, **changes: Any) -> Sample:
         """A copy with `changes`; 8x faster than dataclasses.replace, which matters at 10k+ samples/s."""
         copy = object.__new__(Sample)
-        for name, slot in _SLOTS:
-            slot.__set__(copy, slot.__get__(self))
+        for setter, value in zip(_SETTERS, _VALUES(self)):
+            setter(copy, value)
         for name, value in changes.items():
             if name not in _FIELDS:
                 raise TypeError(f"Sample has no field {name!r}")
@@ -45,7 +46,8 @@ class Sample:
 
 
 _FIELDS = {name: getattr(Sample, name) for name in Sample.__slots__}  # slot descriptors: set past `frozen`
-_SLOTS = tuple(_FIELDS.items())
+_SETTERS = tuple(slot.__set__ for slot in _FIELDS.values())
+_VALUES = operator.attrgetter(*_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)

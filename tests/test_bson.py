@@ -485,7 +485,7 @@ def test_a_run_crosses_processes_through_a_spool_file_that_is_then_removed(tmp_p
     pickled = pickle.dumps(big)
     assert len(pickled) < 10_000 and len(list(tmp_path.iterdir())) == 1  # the bytes went to a file
     copy = pickle.loads(pickled)
-    assert copy.data == big.data and copy.entries == big.entries
+    assert bytes(copy.data) == big.data and copy.entries == big.entries
     assert not list(tmp_path.iterdir())
     small = Run(b"x" * 100, [], str(tmp_path))
     assert pickle.loads(pickle.dumps(small)).data == small.data and not list(tmp_path.iterdir())

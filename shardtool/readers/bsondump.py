@@ -16,7 +16,7 @@ import mmap
 import re
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -126,13 +126,14 @@ class BsonReader:
     def __iter__(self) -> Iterator[Item]:
         return self.read()
 
-    def read(self, span: tuple[int, int] | None = None) -> Iterator[Item]:
-        """The items of the documents starting in `span` (a range from `partitions`; all by default)."""
+    def read(self, span: tuple[int, int] | None = None, splitter: Callable[[str, str], str] | None = None) -> Iterator[Item]:
+        """The items of the documents starting in `span` (a range from `partitions`; all by default).
+        With a `splitter`, each Sample is made with its split (splitter(product, label)), not copied for it."""
         for buf, document in self._documents(span):
             if isinstance(document, Skip):
                 yield document
             else:
-                yield from self._document(document)
+                yield from self._document(document, splitter)
 
     def partitions(self, documents: int = PARTITION_DOCUMENTS) -> Iterator[tuple[int, int]]:
         """Byte ranges of about `documents` documents each, so worker processes share one big file.
@@ -226,7 +227,7 @@ class BsonReader:
         label = as_text(fields.get(self.label_field))
         return label.strip() if label is not None and isinstance(fields[self.label_field], str) else label
 
-    def _document(self, document: Document) -> Iterator[Item]:
+    def _document(self, document: Document, splitter: Callable[[str, str], str] | None = None) -> Iterator[Item]:
         fields, where = document.fields, f"{self.path.name}@{document.start}"
         product = as_text(fields.get("_id"))
         if product is None:
@@ -245,6 +246,8 @@ class BsonReader:
             yield Skip("missing_label", key, where, f"no {self.label_field}", product)
             return
         label, split = (None, "unlabelled") if self.labelled is False else (label, None)
+        if splitter and split is None:
+            split = splitter(product, label)
         for index, entry in enumerate(imgs):
             picture = entry.get("picture") if isinstance(entry, dict) else None
             name, source = f"{key}_{index}", f"{where}#{index}"
