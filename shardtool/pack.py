@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
 from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
-from shardtool.parallel import check_not_starting_worker, ordered_map
+from shardtool.parallel import Workers, check_not_starting_worker, ordered_map
 from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.readers import Reader, open_reader
@@ -43,7 +42,7 @@ from shardtool.sample import Item, Sample, Skip
 from shardtool.sink import Run, SplitSink, encode_run
 from shardtool.splits import Resumed, Splitter, assign_splits, skip_done, unit_hash
 
-PARALLEL_SCAN_BYTES = 8 << 30  # auto: smaller dumps are scanned in-process (see _scan_workers)
+PARALLEL_SCAN_BYTES = 256 << 20  # auto: smaller dumps are scanned in-process (see _scan_in_workers)
 SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
 _OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
 
@@ -63,7 +62,7 @@ class Scan:
     groups_by_label: dict[str, array[float]]  # unit hashes of each class's groups (only with --stratify)
 
 
-def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool, workers: int | None) -> Scan:
+def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool, workers: Workers) -> Scan:
     """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying.
 
     With --stratify this keeps 8 bytes per group (a Cdiscount product); without, memory is flat.
@@ -83,12 +82,12 @@ def scan(reader: Reader, categories: Categories | None, seed: int, stratify: boo
     return found
 
 
-def _labels(reader: Reader, workers: int | None) -> Iterator[tuple[str | None, str, int]]:
+def _labels(reader: Reader, workers: Workers) -> Iterator[tuple[str | None, str, int]]:
     """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
     if hasattr(reader, "partitions"):
-        scan_workers = _scan_workers(workers, reader.path.stat().st_size)
-        chunks = ordered_map(partial(scan_partitions, reader=reader), reader.partitions(), scan_workers, 4)
-        yield from chunks
+        scan_some = partial(scan_partitions, reader=reader)
+        in_workers = _scan_in_workers(workers, reader.path.stat().st_size)
+        yield from ordered_map(scan_some, reader.partitions(), workers if in_workers else Workers(0), 4)
         return
     for item in reader:
         yield (item.label, item.group, 1) if isinstance(item, Sample) else (None, "", 1)
@@ -133,23 +132,32 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                           "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, config.workers)
-    if not found.labels and reader.labelled:
-        raise ConfigError(f"{config.source} holds no labelled images")
-    classes = class_entries(found.labels, reader.label_sep, categories)
-    tree = hierarchy(classes, categories)
-    journal = prepare_out(config, identity)
-    splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
-    spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
+    with Workers(config.workers) as workers:  # one pool for the scan and the encoding
+        found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers)
+        if not found.labels and reader.labelled:
+            raise ConfigError(f"{config.source} holds no labelled images")
+        classes = class_entries(found.labels, reader.label_sep, categories)
+        tree = hierarchy(classes, categories)
+        journal = prepare_out(config, identity)
+        splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
+        spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
+        index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
+        encode_items = partial(encode_batch, spec=spec, classes=index, spool=str(journal.spool()))
+        runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers)
+        write_shards(runs, config, journal, found.total, progress)
+    source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
+    return finish(config, journal, classes, tree, source, identity, reader.ignored)
+
+
+def write_shards(runs: Iterable[Run], config: PackConfig, journal: Journal, total: int,
+                 progress: Callable[[Progress], None] | None) -> None:
+    """Each Run's stretches into the shards of their split. Two threads work beside this loop: one
+    writes and hashes the shards' bytes, the other fsyncs and journals finished shards."""
     done = journal.consumed()
     sinks: dict[str, SplitSink] = {}
-    index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
-    counts = Progress(sum(done.values()), found.total, 0, 0)
-    encode = partial(encode_batch, spec=spec, classes=index, spool=str(journal.spool()))
-
-    # Two threads beside this loop: one writes and hashes shard bytes, the other fsyncs and journals them.
+    counts = Progress(sum(done.values()), total, 0, 0)
     with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
-        for run in packed_runs(reader, categories, splitter, encode, done, config.workers):
+        for run in runs:
             data = memoryview(run.data)
             for split, stretch in run.stretches():
                 if split not in sinks:
@@ -166,13 +174,11 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                 progress(counts)
         for sink in sinks.values():
             sink.close()
-    source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
-    return finish(config, journal, classes, tree, source, identity, reader.ignored)
 
 
 def packed_runs(reader: Reader, categories: Categories | None, splitter: Splitter | None,
                 encode_items: Callable[[list[Item]], list[Run]], done: dict[str, int],
-                workers: int | None) -> Iterator[Run]:
+                workers: Workers) -> Iterator[Run]:
     """Runs of encoded Samples and Skips in the source's order, each with its split, minus what `done`
     (a resumed run's journal) accounts for."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
@@ -208,13 +214,13 @@ def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str
     return [entry for span in spans for entry in reader.scan(span)]
 
 
-def _scan_workers(workers: int | None, source_bytes: int) -> int:
-    """The first pass returns a few bytes per document, far less than it reads, so auto means every core,
-    but only for a dump big enough to pay for starting them: here a 1 GB dump scans in 0.7 s in-process
-    and in 1.1 s with two workers (0.45 s of it starting them)."""
-    if workers is not None:
-        return workers
-    return (os.cpu_count() or 1) if source_bytes >= PARALLEL_SCAN_BYTES else 0
+def _scan_in_workers(workers: Workers, source_bytes: int) -> bool:
+    """The first pass returns a few bytes per document, far less than it reads, so it runs in the
+    workers when there are any; but auto keeps a dump under PARALLEL_SCAN_BYTES in this process, where
+    starting the workers would cost about what they save."""
+    if workers.auto:
+        return workers.count > 1 and source_bytes >= PARALLEL_SCAN_BYTES
+    return workers.count > 0
 
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,

@@ -5,19 +5,26 @@ grow with the dataset. Here at most `2 * workers + 1` batches exist at any time,
 in input order (so shards are byte-identical however the work was scheduled), and a worker that
 dies (OOM killer, segfault in a decoder) fails the run with a clear PackError.
 
-Handing an encoded sample back from a worker costs the parent tens of microseconds (unpickling, the
-pool's reader thread, the GIL): on our 2-core machine, reading and header-checking 170k BSON
-pictures took 7.5 s in one process and 8.8 s with two workers. When the work itself is that cheap,
-one process is faster than many, so `workers=None` (auto) times the first batches in-process and
-only starts workers when the work per result exceeds HANDOFF_SECONDS (an estimate from that run).
+One pack shares one `Workers` pool between its passes (a BSON dump's scan, then the encoding), so
+the processes start once, and they fork from a forkserver that has imported shardtool already
+(each used to spend ~0.25 s of CPU importing PIL, numpy and pymongo). A function reaches each
+worker once, through a file, not with every batch: the encoding function carries the category
+table and class list, and pickling Cdiscount's 5,270 categories for every batch cost the parent
+6 ms a batch, 2.3 s over a 100k-product dump.
+
+`Workers(None)` (auto) runs the first batches of a pass in this process and starts workers only when
+the work per result beats HANDOFF_SECONDS, so a small dataset never pays for starting them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,31 +46,46 @@ def batched(items: Iterable[A], size: int) -> Iterator[list[A]]:
         yield batch
 
 
-HANDOFF_SECONDS = 30e-6  # parent-side cost of one item through the pool
+HANDOFF_SECONDS = 30e-6  # parent-side cost of one result through the pool (a Run: its entries, not its bytes)
 PROBE_BATCHES = 8
 SWITCH_SECONDS = 1e-4
 
 
-def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: int | None,
-                batch: int = 32) -> Iterator[B]:
-    """fn over batches of items in `workers` processes (0: this process; None: decide by timing);
-    yields the results in input order."""
-    if workers is None:
-        yield from _auto_map(fn, iter(items), os.cpu_count() or 1, batch)
-        return
-    if workers == 0:
-        for chunk in batched(items, batch):
-            yield from fn(chunk)
-        return
-    context = multiprocessing.get_context("forkserver")
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_SECONDS)  # let the pool's reader thread take results while we write
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(fn,)) as pool:
+class Workers:
+    """Worker processes (`count`; 0: none, everything runs in this process; None: auto, all cores
+    when the work pays for them), started on first use, shut down by close() or the with block."""
+
+    def __init__(self, count: int | None) -> None:
+        self.auto = count is None
+        self.count = (os.cpu_count() or 1) if count is None else count
+        self._pool: ProcessPoolExecutor | None = None
+        self._folder: str | None = None
+        self._shipped = 0
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def map(self, fn: Callable[[list[A]], list[B]], items: Iterable[A], batch: int) -> Iterator[B]:
+        """fn over batches of items in the worker processes; yields the results in input order."""
+        path, pool = self._ship(fn), self._start()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_SECONDS)  # let the pool's reader thread take results while we write
         pending: deque[Future[list[B]]] = deque()
         try:
             for chunk in batched(items, batch):
-                pending.append(pool.submit(_call_installed, chunk))
-                if len(pending) > 2 * workers:
+                pending.append(pool.submit(_call, path, chunk))
+                if len(pending) > 2 * self.count:
                     yield from pending.popleft().result()
             while pending:
                 yield from pending.popleft().result()
@@ -74,21 +96,45 @@ def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: i
                 future.cancel()
             sys.setswitchinterval(switch)
 
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["__main__", "shardtool.pack"])  # (takes effect if the server is not running yet)
+            self._pool = ProcessPoolExecutor(self.count, mp_context=context)
+        return self._pool
 
-_installed: Callable[[list[Any]], list[Any]] | None = None
+    def _ship(self, fn: Callable[[list[A]], list[B]]) -> str:
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="shardtool-functions-")
+        self._shipped += 1
+        path = os.path.join(self._folder, f"{self._shipped}.pickle")
+        with open(path, "wb") as file:
+            pickle.dump(fn, file, protocol=pickle.HIGHEST_PROTOCOL)
+        return path
 
 
-def _install(fn: Callable[[list[A]], list[B]]) -> None:
-    """In a worker, once: `fn` with everything it carries (a partial's category table, class list,
-    reader), so a task ships only its inputs. Per task, pickling Cdiscount's 5,270-category table
-    alone cost the parent 6 ms: 2.3 s over a 100k-product dump."""
-    global _installed
-    _installed = fn
+def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: Workers,
+                batch: int = 32) -> Iterator[B]:
+    """fn over batches of items, in `workers` or in this process; yields the results in input order."""
+    if workers.count == 0 or (workers.auto and workers.count == 1):
+        for chunk in batched(items, batch):
+            yield from fn(chunk)
+    elif workers.auto:
+        yield from _auto_map(fn, iter(items), workers, batch)
+    else:
+        yield from workers.map(fn, items, batch)
 
 
-def _call_installed(chunk: list[A]) -> list[B]:
-    assert _installed is not None
-    return _installed(chunk)
+_loaded: tuple[str, Callable[[list[Any]], list[Any]]] | None = None
+
+
+def _call(path: str, chunk: list[A]) -> list[B]:
+    """In a worker: the function shipped to `path` (loaded on its first batch) over one batch."""
+    global _loaded
+    if _loaded is None or _loaded[0] != path:
+        with open(path, "rb") as file:
+            _loaded = (path, pickle.load(file))
+    return _loaded[1](chunk)
 
 
 GUARD = "put that call under `if __name__ == \"__main__\":` (or pass workers=0)"
@@ -112,7 +158,7 @@ def _died_message() -> str:
     return "a worker process died (killed, or out of memory); re-run the same command to resume, or use fewer --workers"
 
 
-def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], cores: int, batch: int) -> Iterator[B]:
+def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], workers: Workers, batch: int) -> Iterator[B]:
     """Run the first batches here; go parallel only if the work per result beats the hand-off cost.
 
     Per result, not per input: one input can be a byte range of a BSON dump that yields 400 samples.
@@ -123,5 +169,8 @@ def _auto_map(fn: Callable[[list[A]], list[B]], items: Iterator[A], cores: int, 
         results = fn(chunk)
         seconds, count = seconds + time.perf_counter() - start, count + len(results)
         yield from results
-    parallel = count and cores > 1 and seconds / count * (1 - 1 / cores) > HANDOFF_SECONDS
-    yield from ordered_map(fn, items, cores if parallel else 0, batch)
+    if count and seconds / count * (1 - 1 / workers.count) > HANDOFF_SECONDS:
+        yield from workers.map(fn, items, batch)
+    else:
+        for chunk in batched(items, batch):
+            yield from fn(chunk)
