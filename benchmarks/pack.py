@@ -73,6 +73,23 @@ def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
     return row(name, [images / s for s in seconds], rss, out_mb=folder_bytes(out) / 1e6)
 
 
+def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats: int) -> list[dict[str, Any]]:
+    """measure() for several commands, alternated round by round (A B C, A B C, ...), so a slow spell of
+    a shared machine falls on every row alike instead of on whichever ran then."""
+    seconds: dict[str, list[float]] = {name: [] for name, _ in runs}
+    rss: dict[str, list[float]] = {name: [] for name, _ in runs}
+    out_mb: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, argv_for in runs:
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            wall, peak = timed_run(argv_for(out))
+            seconds[name].append(wall)
+            rss[name].append(peak)
+            out_mb[name] = folder_bytes(out) / 1e6
+    return [row(name, [images / s for s in seconds[name]], rss[name], out_mb=out_mb[name]) for name, _ in runs]
+
+
 def url_list(photos: list[Path], source: Path, work: Path) -> Path:
     """img2dataset's input: a CSV of file:// URLs with the class folder as label."""
     path = work / "urls.csv"

@@ -9,8 +9,9 @@ Zipf-like category ids from category_names.csv), cached in --work by size and se
 Rows: `bare-copy`, a Python loop that iterates the BSON and writes each picture into a tar with
 `tarfile` and nothing else; `shardtool verify=MODE workers=N`, passthrough packs (no resize, no split) at
 --verify header|full with 0 workers, one per core, and auto (the default); `peak RSS ... products`,
---verify header at N/10 and N products. Warm page cache (one untimed read). images/s is the median of --repeats
-over all pictures; vs_bare_copy is the ratio of medians; peak RSS is of the largest process.
+--verify header at N/10 and N products. Warm page cache (one untimed read); every run starts from an
+empty OUT after os.sync(), and the speed rows take turns, round by round. images/s is the median of
+--repeats over all pictures; vs_bare_copy is the ratio of medians; peak RSS is of the largest process.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import bson  # pymongo's
 from PIL import Image
 
 from benchmarks.common import timed_run, write
-from benchmarks.pack import measure
+from benchmarks.pack import measure, measure_rounds
 
 BARE_COPY = """
 import io, os, sys, tarfile
@@ -127,14 +128,15 @@ def pack_argv(tool: str, source: Path, categories: Path, verify: str, workers: i
 
 
 def speed_rows(args: argparse.Namespace, tool: str, source: Path, categories: Path, images: int) -> list[dict[str, Any]]:
-    """bare-copy, then shardtool at each verify mode with 0, cpus and auto workers; vs_bare_copy is the ratio of medians."""
-    out = args.work / "out"
-    rows = [measure("bare-copy", lambda o: [sys.executable, "-c", BARE_COPY, str(source), str(o)], out, images,
-                    args.repeats)]
+    """bare-copy and shardtool at each verify mode with 0, cpus and auto workers, alternated round by round;
+    vs_bare_copy is the ratio of medians."""
+    runs: list[tuple[str, Callable[[Path], list[str]]]] = [
+        ("bare-copy", lambda o: [sys.executable, "-c", BARE_COPY, str(source), str(o)])]
     for verify in ("header", "full"):
         for workers in (0, os.cpu_count() or 1, "auto"):
-            rows.append(measure(f"shardtool verify={verify} workers={workers}",
-                                pack_argv(tool, source, categories, verify, workers), out, images, args.repeats))
+            runs.append((f"shardtool verify={verify} workers={workers}",
+                         pack_argv(tool, source, categories, verify, workers)))
+    rows = measure_rounds(runs, args.work / "out", images, args.repeats)
     for row in rows:
         row["images"] = images
         row["vs_bare_copy"] = round(row["img_s"] / rows[0]["img_s"], 3)
