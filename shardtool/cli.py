@@ -97,7 +97,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard, at most.")
 @click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
 @click.option("--workers", default="auto", show_default=True, callback=_workers,
-              help="Worker processes: N, 0 (in-process) or auto (processes when the per-image work pays for them).")
+              help="Worker processes: N, 0 (in-process) or auto (one per core when the work pays for handing it over).")
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")

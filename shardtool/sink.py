@@ -22,9 +22,8 @@ from shardtool.journal import Journal
 from shardtool.sample import Item, Sample, Skip
 from shardtool.tario import Members, TarShard, sample_chunks
 
-SPOOL_BYTES = 256 << 10
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the pages in one go, not a fault per page
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)  # json.dumps with options builds one per call  # a Run with more tar bytes than this leaves its worker through a spool file
+SPOOL_BYTES = 256 << 10  # a Run with more tar bytes than this leaves its worker through a spool file
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)  # json.dumps with options builds one per call
 
 
 def shard_name(split: str, index: int) -> str:
@@ -56,10 +55,10 @@ class Run:
 
     A big Run crosses from a worker to the writer through a file in `spool`, not the pool's pipe:
     on our 2-core machine the pipe cost the writer 2.5 s per GB of BSON pictures (64 KB reads that
-    each take the GIL, then two copies), a file written by the worker and read back ~0.3 s.
+    each take the GIL, then two copies), a file the worker writes and the writer maps ~0.3 s.
     """
 
-    def __init__(self, data: bytes, entries: list[Encoded | Skip], spool: str | None = None) -> None:
+    def __init__(self, data: bytes | mmap.mmap, entries: list[Encoded | Skip], spool: str | None = None) -> None:
         self.data, self.entries, self.spool = data, entries, spool
 
     def stretches(self) -> Iterator[tuple[str, list[Encoded] | Skip]]:
@@ -88,12 +87,12 @@ class Run:
 
 
 def _unspool(path: str, entries: list[Encoded | Skip]) -> Run:
-    """Mapped, not read: the shard writer hashes and writes straight from the file's pages (freed,
-    with the file, once the last piece of it is written)."""
+    """Mapped, not read: the shard writer hashes and writes straight from the file's pages, which count
+    in our memory only from when it reaches them (freed, with the file, once the last piece is written)."""
     with open(path, "rb") as file:
-        data = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     os.unlink(path)
-    return Run(data, entries)  # type: ignore[arg-type]  # an mmap is a read-only bytes-like
+    return Run(data, entries)
 
 
 def encode_run(items: Iterable[Item], classes: Mapping[str | None, int | None], spool: str | None = None) -> Run:

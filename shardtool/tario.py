@@ -81,20 +81,26 @@ class TarShard:
         self._index: list[tuple[int, Members]] = []  # formatted by index_text(), off the writer's path
 
     def _write(self, data: bytes | memoryview) -> None:
+        self.bytes_written += len(data)
+        if len(data) >= CHUNK:  # a big piece (a Run's samples) goes as is, in CHUNK-sized views: no copy
+            self.flush()
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK):
+                self._run(self._emit, view[start:start + CHUNK])
+            return
         self._chunk.append(data)
         self._chunk_bytes += len(data)
-        self.bytes_written += len(data)
         if self._chunk_bytes >= CHUNK:
             self.flush()
 
     def flush(self) -> None:
         """Hand the gathered bytes to `run`, as one buffer (one write, one hash update)."""
         if self._chunk:
-            data = self._chunk[0] if len(self._chunk) == 1 else b"".join(self._chunk)  # (a big piece: no copy)
+            data = b"".join(self._chunk)
             self._chunk, self._chunk_bytes = [], 0
             self._run(self._emit, data)
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | memoryview) -> None:
         self._sha256.update(data)
         self._file.write(data)
 
