@@ -59,23 +59,17 @@ def folder_bytes(folder: Path) -> int:
 
 def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
             env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run.
+    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run."""
+    return measure_rounds([(name, argv_for)], out, images, repeats, env)[0]
+
+
+def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats: int,
+                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """measure() for several commands, alternated round by round (A B C, A B C, ...), so a slow spell of
+    a shared machine falls on every row alike instead of on whichever ran then.
 
     Each run starts after os.sync(), so none pays for writing back the last one's output: a run that
     leaves its output in the page cache (the bare copy does) would otherwise slow down the next one."""
-    seconds, rss = [], []
-    for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-        wall, peak = timed_run(argv_for(out), env)
-        seconds.append(wall)
-        rss.append(peak)
-    return row(name, [images / s for s in seconds], rss, out_mb=folder_bytes(out) / 1e6)
-
-
-def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats: int) -> list[dict[str, Any]]:
-    """measure() for several commands, alternated round by round (A B C, A B C, ...), so a slow spell of
-    a shared machine falls on every row alike instead of on whichever ran then."""
     seconds: dict[str, list[float]] = {name: [] for name, _ in runs}
     rss: dict[str, list[float]] = {name: [] for name, _ in runs}
     out_mb: dict[str, float] = {}
@@ -83,7 +77,7 @@ def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats
         for name, argv_for in runs:
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            wall, peak = timed_run(argv_for(out))
+            wall, peak = timed_run(argv_for(out), env)
             seconds[name].append(wall)
             rss[name].append(peak)
             out_mb[name] = folder_bytes(out) / 1e6

@@ -21,6 +21,7 @@ class Journal:
     def __init__(self, out: Path) -> None:
         self.folder = out / STATE_DIR
         self.path = self.folder / "journal.jsonl"
+        self.spool_folder = self.folder / "spool"  # Runs on their way from the workers (sink.Run)
         self._points: dict[str, tuple[int, int]] = {}
         self._valid_bytes = 0
         for record in self.records():
@@ -56,13 +57,13 @@ class Journal:
             file.truncate(self._valid_bytes)  # drop a half-written last line
 
     def spool(self) -> Path:
-        """An empty folder for Runs on their way from the workers (sink.Run); anything left there by a
-        killed run is removed."""
-        folder = self.folder / "spool"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        return folder
+        """spool_folder, emptied of anything a killed run left there."""
+        self.drop_spool()
+        self.spool_folder.mkdir(parents=True)
+        return self.spool_folder
+
+    def drop_spool(self) -> None:
+        shutil.rmtree(self.spool_folder, ignore_errors=True)
 
     def resume_point(self, split: str) -> tuple[int, int]:
         """(next shard index, inputs of this split already accounted for)."""

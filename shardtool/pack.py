@@ -243,6 +243,6 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
                         "re-run with a higher --max-skip-fraction to accept (written shards are kept)")
     for stale in out.glob("*.tmp"):
         stale.unlink()
-    shutil.rmtree(journal.folder / "spool", ignore_errors=True)
+    journal.drop_spool()
     write_json_atomic(out / MANIFEST, manifest)
     return manifest

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 IDX_VERSION = "v1.2"  # the format nvidia/dali wds2idx.py writes and fn.readers.webdataset reads
 BLOCK = 512
@@ -40,13 +40,6 @@ def member_header(name: str, size: int) -> bytes:
 Members = tuple[tuple[str, int, int, str], ...]  # (ext, data offset from the sample's first byte, size, name)
 
 
-class Block(NamedTuple):
-    """One sample's members as tar bytes, built anywhere (a worker) and appended to a shard as is."""
-
-    data: bytes
-    members: Members
-
-
 def sample_chunks(key: str, members: list[tuple[str, bytes]], chunks: list[bytes]) -> tuple[int, Members]:
     """Appends a sample's members (header, data, padding each) to `chunks`; returns their total size
     and index entries. Callers join many samples' chunks at once: one copy of the bytes, not two."""
@@ -57,12 +50,6 @@ def sample_chunks(key: str, members: list[tuple[str, bytes]], chunks: list[bytes
         entries.append((ext, offset + BLOCK, len(data), name))
         offset += BLOCK + len(data) + (-len(data) % BLOCK)
     return offset, tuple(entries)
-
-
-def encode_sample(key: str, members: list[tuple[str, bytes]]) -> Block:
-    chunks: list[bytes] = []
-    _, entries = sample_chunks(key, members, chunks)
-    return Block(b"".join(chunks), entries)
 
 
 class TarShard:
@@ -105,10 +92,9 @@ class TarShard:
         self._file.write(data)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        self.add_block(encode_sample(key, members))
-
-    def add_block(self, block: Block) -> None:
-        self.add_many(block.data, [(0, block.members)])
+        chunks: list[bytes] = []
+        _, entries = sample_chunks(key, members, chunks)
+        self.add_many(b"".join(chunks), [(0, entries)])
 
     def add_many(self, data: bytes | memoryview, samples: list[tuple[int, Members]]) -> None:
         """Samples' members back to back in `data`, written (and hashed) as one piece; `samples` gives

@@ -479,7 +479,7 @@ def test_shard_bytes_fills_each_shard_as_far_as_the_limit(products, tmp_path, cl
         assert sum(shard) + following[0] > limit  # the next sample would not have fitted
 
 
-def test_a_run_crosses_processes_through_a_spool_file_that_is_then_removed(tmp_path):
+def test_a_big_run_pickles_through_a_spool_file_that_is_then_removed(tmp_path):
     big = Run(bytes(range(256)) * 4096, [Encoded("train", 3, 0, 1 << 20, (("jpg", 512, 100, "a.jpg"),), None)],
               str(tmp_path))
     pickled = pickle.dumps(big)
