@@ -93,7 +93,10 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--max-pixels", default=89_478_485, show_default=True, help="Skip images with more pixels (bombs).")
 @click.option("--split", "split_text", default="", help="Held-out splits when SOURCE has none, e.g. val=0.1,test=0.1.")
 @click.option("--stratify", is_flag=True, help="Give every class its share of each split.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split hash.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split hash and of the shuffled order.")
+@click.option("--order", default="shuffled", show_default=True, type=click.Choice(["shuffled", "source"]),
+              help="shuffled: write each split in a seeded random order (a product's pictures kept together), "
+                   "so every stretch of a shard is a fair sample; source: in the source's order.")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard, at most.")
 @click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
 @click.option("--workers", default="auto", show_default=True, callback=_workers,
@@ -106,7 +109,7 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
-         split_text: str, stratify: bool, seed: int, shard_size: int, shard_bytes: int | None, workers: int | None,
+         split_text: str, stratify: bool, seed: int, order: str, shard_size: int, shard_bytes: int | None, workers: int | None,
          max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
     """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT."""
     from shardtool.pack import pack as run_pack
@@ -118,7 +121,7 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
     config = PackConfig(source=source, out=out, format=fmt, csv=csv, categories=categories,
                         resize=parse_resize(resize), encode=encode, verify=verify, backend=backend,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
-                        seed=seed, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
+                        seed=seed, order=order, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
                         max_skip_fraction=max_skip_fraction, overwrite=overwrite)
     columns = [TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
                TextColumn("written {task.fields[written]} skipped {task.fields[skipped]}"), TimeRemainingColumn()]

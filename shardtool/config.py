@@ -15,6 +15,7 @@ FORMATS = ("auto", "folder", "csv", "pixels", "bson")
 VERIFY_MODES = ("full", "header")
 ENCODINGS = ("auto", "jpg", "png")
 BACKENDS = ("auto", "dali", "pil")
+ORDERS = ("shuffled", "source")  # see order.py
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class PackConfig:
     split: dict[str, float] = field(default_factory=dict)
     stratify: bool = False
     seed: int = 0
+    order: str = "shuffled"  # shuffled | source: the order samples are written in (order.py)
     shard_size: int = 1000
     shard_bytes: int | None = None
     workers: int | None = None  # None: decided by timing the first batches (see parallel.py)
@@ -123,6 +125,8 @@ class PackConfig:
             raise ConfigError("--max-skip-fraction must be between 0 and 1")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.categories is not None and not Path(self.categories).is_file():

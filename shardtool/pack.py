@@ -2,12 +2,14 @@
 
     items = open_reader(config)                  # Sample | Skip, stable order, no bytes decoded
     items = known_categories(items, categories)  # labels missing from --categories become skips
+    items = ordered(items, config.order, seed)   # the pack order: groups permuted (order.py), or the source's
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
     runs = ordered_map(encode_batch, items)      # worker processes: decode, RGB, resize (PIL or DALI), encode,
                                                  # tar members: a Run per batch (sink.py)
-For a reader with byte-range partitions (a BSON dump) the workers do the reading and the splits too,
-and a resumed run's finished items are dropped after them (see packed_runs).
+For a reader with byte-range partitions (a BSON dump) the workers do the reading and the splits too
+(a few permuted ranges per task, their products mixed), and a resumed run's finished items are
+dropped after them (see packed_runs).
     for run in runs: for each stretch of one split: sinks[split].add(stretch, run.data)
 """
 
@@ -34,6 +36,7 @@ from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
 from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
+from shardtool.order import MIX_PARTITIONS, order_rng, ordered, ordered_partitions, permute_groups
 from shardtool.parallel import Workers, check_not_starting_worker, ordered_map
 from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
@@ -143,7 +146,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
         index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
         encode_items = partial(encode_batch, spec=spec, classes=index, spool=str(journal.spool()))
-        runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers)
+        runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers, config)
         write_shards(runs, config, journal, found.total, progress)
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
     return finish(config, journal, classes, tree, source, identity, reader.ignored)
@@ -178,19 +181,22 @@ def write_shards(runs: Iterable[Run], config: PackConfig, journal: Journal, tota
 
 def packed_runs(reader: Reader, categories: Categories | None, splitter: Splitter | None,
                 encode_items: Callable[[list[Item]], list[Run]], done: dict[str, int],
-                workers: Workers) -> Iterator[Run]:
-    """Runs of encoded Samples and Skips in the source's order, each with its split, minus what `done`
-    (a resumed run's journal) accounts for."""
+                workers: Workers, config: PackConfig) -> Iterator[Run]:
+    """Runs of encoded Samples and Skips in the pack order (order.py), each with its split, minus what
+    `done` (a resumed run's journal) accounts for."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
+        mix = config.order == "shuffled"
         read = partial(read_and_encode, reader=reader, categories=categories, splitter=splitter,
-                       encode_items=encode_items)
+                       encode_items=encode_items, mix_seed=config.seed if mix else None)
         resumed = Resumed(done)
-        for run in ordered_map(read, reader.partitions(), workers, batch=1):
+        spans = ordered_partitions(reader.partitions(), config.order, config.seed)
+        for run in ordered_map(read, spans, workers, batch=MIX_PARTITIONS if mix else 1):
             if resumed.left:  # a resumed run's finished shards: checked again, not written
                 run.entries = [entry for entry in run.entries if resumed.keep(entry)]
             yield run
         return
     items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
+    items = ordered(items, config.order, config.seed)  # ... in the pack order
     items = assign_splits(items, splitter)        # ... each with its split
     items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
     yield from ordered_map(encode_items, items, workers)  # Runs of encoded Sample | Skip
@@ -203,9 +209,13 @@ def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, 
 
 
 def read_and_encode(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
-                    splitter: Splitter | None, encode_items: Callable[[list[Item]], list[Run]]) -> list[Run]:
-    """In a worker: the items of some byte ranges of the source, with their splits, checked and encoded."""
-    items = itertools.chain.from_iterable(reader.read(span, splitter) for span in spans)
+                    splitter: Splitter | None, encode_items: Callable[[list[Item]], list[Run]],
+                    mix_seed: int | None = None) -> list[Run]:
+    """In a worker: the items of some byte ranges of the source, with their splits, checked and encoded;
+    with MIX_SEED, the products of all the ranges in a seeded random order (order.py)."""
+    items: Iterable[Item] = itertools.chain.from_iterable(reader.read(span, splitter) for span in spans)
+    if mix_seed is not None:
+        items = permute_groups(items, order_rng(mix_seed, spans[0][0]))
     return encode_items(list(assign_splits(known_categories(items, categories), splitter)))  # (splits of Skips)
 
 
