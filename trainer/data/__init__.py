@@ -36,6 +36,8 @@ class LoaderSpec:
     world: int = 1
     workers: int = 2  # decode processes (DataLoader workers / DALI threads)
     shuffle_buffer: int = 1000
+    block: int = 16  # training: samples read in sequence from a shard (0: whole shards, the order before blocks)
+    streams: int = 64  # training: blocks each worker reads from at once, in turn (plan.py)
     on_corrupt: str = "fail"  # fail: stop with shard and key; skip: count and go on
     device: str = "cpu"
 

@@ -1,6 +1,10 @@
 """Which samples each rank and each decode worker reads in an epoch, as a pure function of the seed.
 
-The epoch order is the shard list shuffled by (seed, epoch) (training) or as listed (eval). The
+The epoch order, when training, is every shard cut into blocks of `block` samples (16), the blocks
+shuffled by (seed, epoch); each worker reads `streams` (64) of its blocks at once, one sample from
+each in turn, into its shuffle buffer (torch.py). So batches are mixed even when the shards are not (shards packed class
+by class, ours from before `--order shuffled` or anyone else's). Shards that are read whole (a URL
+without a local .idx: no random access yet) keep whole-shard order, block 0. Eval reads the shards as listed. The
 rank's share is a contiguous range of that order with the same size on every rank when training
 (up to world-1 samples per epoch are left out then, different ones each epoch). The rank's range is
 cut into one contiguous range per worker, sized so that batch i comes from worker i % workers:
@@ -23,12 +27,28 @@ class Segment:
     start: int  # sample index inside the shard
     stop: int
 
+    def __len__(self) -> int:
+        return self.stop - self.start
+
 
 def epoch_shards(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
     order = list(shards)
     if shuffle:
         random.Random(f"{seed}/{epoch}/shards").shuffle(order)
     return order
+
+
+def epoch_order(shards: tuple[Shard, ...], seed: int, epoch: int, train: bool, block: int) -> list[Segment]:
+    """The epoch's samples as pieces of shards: shuffled blocks when training (block 0: whole shards,
+    shuffled), the shards as listed otherwise."""
+    if not train:
+        return [Segment(shard, 0, shard.num_samples) for shard in shards]
+    if not block:
+        return [Segment(shard, 0, shard.num_samples) for shard in epoch_shards(shards, seed, epoch, shuffle=True)]
+    blocks = [Segment(shard, start, min(start + block, shard.num_samples))
+              for shard in shards for start in range(0, shard.num_samples, block)]
+    random.Random(f"{seed}/{epoch}/blocks").shuffle(blocks)
+    return blocks
 
 
 def rank_range(total: int, rank: int, world: int, equal: bool) -> tuple[int, int]:
@@ -54,14 +74,14 @@ def batches_before(start_batch: int, worker: int, workers: int) -> int:
     return len(range(worker, start_batch, max(workers, 1)))
 
 
-def segments(order: list[Shard], start: int, stop: int) -> list[Segment]:
+def segments(order: list[Segment], start: int, stop: int) -> list[Segment]:
     """The pieces of shards covering samples [start, stop) of ORDER."""
     out, offset = [], 0
-    for shard in order:
-        lo, hi = max(start - offset, 0), min(stop - offset, shard.num_samples)
+    for piece in order:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(piece))
         if lo < hi:
-            out.append(Segment(shard, lo, hi))
-        offset += shard.num_samples
+            out.append(Segment(piece.shard, piece.start + lo, piece.start + hi))
+        offset += len(piece)
     return out
 
 
@@ -73,8 +93,8 @@ class WorkerPlan:
 
 
 def worker_plan(shards: tuple[Shard, ...], *, seed: int, epoch: int, train: bool, rank: int, world: int,
-                batch_size: int, workers: int, worker: int, start_batch: int) -> WorkerPlan:
-    order = epoch_shards(shards, seed, epoch, shuffle=train)
+                batch_size: int, workers: int, worker: int, start_batch: int, block: int = 16) -> WorkerPlan:
+    order = epoch_order(shards, seed, epoch, train, block)
     lo, hi = rank_range(sum(s.num_samples for s in shards), rank, world, equal=train)
     sizes = worker_sizes(hi - lo, batch_size, workers)
     begin = lo + sum(sizes[:worker])

@@ -3,7 +3,8 @@
 Each worker (persistent across epochs) runs one webdataset-style pipeline of small generators over
 the samples plan.py gave it:
 
-    segments -> raw samples {__key__, jpg|png, cls, json}   (read at the .idx offsets, no decoding)
+    segments -> raw samples {__key__, jpg|png, cls, json}   (read at the .idx offsets, no decoding;
+                                                              training: spec.streams blocks in turn)
              -> shuffle buffer (training)                     (webdataset's, seeded per epoch, rank, worker)
              -> skip the samples already trained on          (resume mid-epoch)
              -> planned batches of raw samples
@@ -21,8 +22,9 @@ import math
 import multiprocessing
 import random
 import tarfile
+from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from trainer.data.plan import Segment, rank_samples, worker_plan
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RATIO = (3 / 4, 4 / 3)
+WHOLE_SHARD_STREAMS = 4  # shards streamed whole (no local .idx) that a worker reads at once
 
 
 def read_segment(segment: Segment) -> Iterator[dict[str, Any]]:
@@ -94,6 +97,21 @@ def shuffled(samples: Iterable[dict[str, Any]], size: int, rng: random.Random,
     yield from buffer
 
 
+def interleave(streams: Iterable[Iterable[Any]], width: int) -> Iterator[Any]:
+    """One item from each of WIDTH streams in turn; a finished stream's place goes to the next one.
+    Only WIDTH streams are open at a time (a block reader holds two open files)."""
+    waiting = iter(streams)
+    active = deque(iter(stream) for stream in islice(waiting, width))
+    while active:
+        stream = active.popleft()
+        for item in stream:  # one item, then to the back of the queue
+            yield item
+            active.append(stream)
+            break
+        else:
+            active.extend(iter(stream) for stream in islice(waiting, 1))
+
+
 def crop_box(rng: random.Random, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (torchvision's algorithm) drawn from RNG: top, left, height, width."""
     area = height * width
@@ -147,6 +165,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
+        # blocks need random access: through local .idx files (a URL's shards are streamed whole, in order)
+        self.block = spec.block if all(Path(s.index_url).is_file() for s in spec.shards) else 0
+        self.streams = spec.streams if self.block else min(spec.streams, WHOLE_SHARD_STREAMS)
         # (epoch, start batch) in shared memory: the persistent workers, forked once, read it at each epoch
         self.position = multiprocessing.RawArray("q", 2)
 
@@ -159,7 +180,7 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + start_batch) % workers
         plan = worker_plan(spec.shards, seed=spec.seed, epoch=epoch, train=spec.train, rank=spec.rank,
                            world=spec.world, batch_size=spec.batch_size, workers=workers, worker=worker,
-                           start_batch=start_batch)
+                           start_batch=start_batch, block=self.block)
         samples: Iterable[dict[str, Any]] = self._raw(plan.segments)
         if spec.train:
             rng = random.Random(f"{spec.seed}/{epoch}/{spec.rank}/{worker}/buffer")
@@ -170,17 +191,22 @@ class ShardStream(IterableDataset):
             yield self._collate(chunk, epoch)
 
     def _raw(self, plan: list[Segment]) -> Iterator[dict[str, Any]]:
-        for segment in plan:
-            seen = 0
-            try:
-                for sample in read_segment(segment):
-                    seen += 1
-                    yield sample
-            except (tarfile.TarError, OSError, ValueError) as error:
-                where = f"{segment.shard.url} after sample {segment.start + seen}"
-                yield {"__key__": where, "__error__": f"corrupt shard: {error}"}
-                for _ in range(segment.stop - segment.start - seen - 1):
-                    yield {"__key__": where, "__error__": "lost to the corrupt shard above"}
+        streams = (self._read(segment) for segment in plan)
+        return interleave(streams, self.streams) if self.spec.train else chain.from_iterable(streams)
+
+    @staticmethod
+    def _read(segment: Segment) -> Iterator[dict[str, Any]]:
+        """The segment's raw samples; a damaged shard gives one error sample per sample it lost."""
+        seen = 0
+        try:
+            for sample in read_segment(segment):
+                seen += 1
+                yield sample
+        except (tarfile.TarError, OSError, ValueError) as error:
+            where = f"{segment.shard.url} after sample {segment.start + seen}"
+            yield {"__key__": where, "__error__": f"corrupt shard: {error}"}
+            for _ in range(segment.stop - segment.start - seen - 1):
+                yield {"__key__": where, "__error__": "lost to the corrupt shard above"}
 
     def _collate(self, chunk: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
         images, labels, keys, groups, skipped = [], [], [], [], []
