@@ -510,3 +510,42 @@ def test_stratify_gives_every_category_its_share_of_products(tmp_path, cli):
     pictures = Counter(info["split"] for info in infos(out).values())
     assert pictures["val"] == manifest_of(out)["splits"]["val"]["num_samples"]
     assert pictures["val"] + pictures["train"] == sum(1 + i % 3 for i in range(32))
+
+
+def stored_products(out: Path) -> list[tuple[str, str]]:
+    """(product _id, class) of every train sample in the order the shards store them."""
+    found = []
+    for shard in manifest_of(out)["splits"]["train"]["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            found += [(str(json.loads(tar.extractfile(m).read())["_id"]), "") for m in tar if m.name.endswith(".json")]
+    labels = {info["_id"]: info["label"] for info in infos(out).values()}
+    return [(product, str(labels[product])) for product, _ in found]
+
+
+def test_a_dump_sorted_by_category_is_mixed_in_the_shards_with_each_products_pictures_together(tmp_path, cli):
+    """Shuffled order on a stream too big to permute in memory: byte ranges of 256 documents permuted,
+    4 per task mixed. A dump sorted by category (30 x 100 products) is the worst case it meets."""
+    from trainer.data.mixing import mixing, uniform_mixing
+
+    source = tmp_path / "sorted.bson"
+    pictures = [jpeg_bytes(seed, (16, 16)) for seed in range(8)]
+    with open(source, "wb") as file:
+        for product in range(3000):
+            file.write(document(product, 1000 + product // 100, pictures[: 1 + product % 3]))
+    orders = {}
+    for order in ("shuffled", "source"):
+        out = tmp_path / order
+        result = cli("pack", source, out, "--order", order, "--workers", "2")
+        assert result.exit_code == 0, result.output
+        orders[order] = stored_products(out)
+    shuffled, kept = orders["shuffled"], orders["source"]
+    assert sorted(shuffled) == sorted(kept) and len(kept) == 6000
+    assert [int(p) for p, _ in dict.fromkeys(kept)] == list(range(3000))  # --order source: the dump's order
+    runs = [p for i, (p, _) in enumerate(shuffled) if i == 0 or shuffled[i - 1][0] != p]
+    assert len(runs) == 3000  # every product once, its 1-3 pictures consecutive
+    labels = {order: [int(label) for _, label in products] for order, products in orders.items()}
+    found = {order: mixing([found], 32).per_batch for order, found in labels.items()}
+    uniform = uniform_mixing(labels["source"], 32).per_batch
+    print(f"\nclasses per 32 consecutive samples of a category-sorted dump: shuffled {found['shuffled']:.2f}, "
+          f"source {found['source']:.2f}, uniform {uniform:.2f}")
+    assert found["source"] < 1.5 and found["shuffled"] >= 7  # ~4 x 256 products from scattered places
