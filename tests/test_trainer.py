@@ -162,6 +162,20 @@ def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics(data: Path, tmp_pat
     assert not torch.equal(kept["0.weight"], pretrained["0.weight"])  # while the convolutions learn
 
 
+def test_the_backbone_warms_up_again_after_unfreezing(data: Path, tmp_path: Path) -> None:
+    """Its optimizer state starts empty at the unfreeze: its LR ramps from 0 (metrics.csv's backbone_lr,
+    read at each epoch's last step) over --unfreeze-warmup-epochs, while the head's follows the schedule."""
+    trainer("fit", data, tmp_path / "run", "--epochs", "3", *TINY, "--freeze-epochs", "1",
+            "--unfreeze-warmup-epochs", "2", "--backbone-lr-mult", "0.1", "--warmup-epochs", "0")
+    with open(tmp_path / "run" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    head = [float(row["lr"]) for row in rows]
+    backbone = [float(row["backbone_lr"]) for row in rows]
+    assert backbone[0] == 0.0  # frozen
+    assert backbone[1] == pytest.approx(head[1] * 0.1 * 0.5)  # half-way up its 2-epoch ramp
+    assert backbone[2] == pytest.approx(head[2] * 0.1)  # ramp done
+
+
 @pytest.mark.parametrize("case", ["not_output", "missing_split", "other_dataset", "bad_option", "run_exists"])
 def test_bad_input_gets_one_line(case: str, data: Path, tmp_path: Path) -> None:
     args: list[str | Path]

@@ -31,6 +31,8 @@ HELP = {
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
     "min_lr": "Cosine floor as a fraction of --lr.",
     "freeze_epochs": "Train only the head for this many epochs (backbone frozen, its BatchNorm in eval).",
+    "unfreeze_warmup_epochs": "After --freeze-epochs, the backbone's LR ramps up from 0 over this many epochs "
+                              "(its optimizer state starts empty; a full LR at once undoes the frozen epochs).",
     "freeze_bn": "Keep the pretrained BatchNorm statistics after unfreezing too, as Keras' EfficientNet "
                  "fine-tuning guide does (92% vs 90% on clothing-small here); no effect with --weights none.",
     "label_smoothing": "Cross-entropy label smoothing.",

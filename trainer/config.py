@@ -15,6 +15,7 @@ from trainer.errors import ConfigError
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
                 "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "freeze_bn", "warmup_epochs",
+                "unfreeze_warmup_epochs",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
 
@@ -37,6 +38,7 @@ class FitConfig:
     warmup_epochs: float = 0.5
     min_lr: float = 0.01  # cosine floor, as a fraction of lr
     freeze_epochs: int = 2  # epochs training the head only, backbone frozen (BN in eval)
+    unfreeze_warmup_epochs: float = 1.0  # the backbone's LR ramps up from 0 over this long after unfreezing
     freeze_bn: bool = True  # keep the pretrained BN running statistics for the whole run (not with weights none)
     label_smoothing: float = 0.1
     crop_scale: float = 0.3  # RandomResizedCrop's smallest area fraction (ImageNet training uses 0.08)
@@ -71,6 +73,8 @@ class FitConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError("crop_scale must be in (0, 1]")
+        if self.unfreeze_warmup_epochs < 0 or self.warmup_epochs < 0:
+            raise ConfigError("warmup_epochs and unfreeze_warmup_epochs must be >= 0")
         if self.freeze_epochs < 0 or self.workers < 0 or min(self.image_size, self.eval_image_size) < 0 or self.lr <= 0:
             raise ConfigError("freeze_epochs, workers, image_size and eval_image_size must be >= 0 and lr > 0")
         return self

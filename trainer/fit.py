@@ -28,7 +28,7 @@ from trainer.metrics import EvalMeter, RunLog, level_maps_from_manifest
 
 write_confusion, write_summary = RunLog.write_confusion, RunLog.write_summary
 from trainer.models import Model, create_model
-from trainer.schedule import lr_at
+from trainer.schedule import lr_at, ramp
 
 
 @dataclass
@@ -116,7 +116,8 @@ def make_optimizer(config: FitConfig, model: Model) -> torch.optim.Optimizer:
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim > 1) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr_mult": mult, "weight_decay": config.weight_decay * decay})
+                groups.append({"params": chosen, "lr_mult": mult, "weight_decay": config.weight_decay * decay,
+                               "part": part})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -234,12 +235,15 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
     config, state = run.config, run.state
     num_batches = run.train.num_batches
     total, warmup = config.epochs * num_batches, round(config.warmup_epochs * num_batches)
+    unfrozen = config.freeze_epochs * num_batches  # the backbone's first step: its own warmup from here
+    rewarm = round(config.unfreeze_warmup_epochs * num_batches) if config.freeze_epochs else 0
     sums = TrainSums(**state.partial) if state.partial else TrainSums()
 
     def set_lr() -> None:
         lr = lr_at(state.step, base=config.lr, total=total, warmup=warmup, floor=config.min_lr)
+        backbone = ramp(state.step, unfrozen, rewarm)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+            group["lr"] = lr * group["lr_mult"] * (backbone if group.get("part") == "backbone" else 1.0)
 
     def after_step(step: Step) -> None:
         state.step, state.batch = state.step + 1, step.batch
@@ -278,7 +282,8 @@ def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
     loss, correct, seen, seconds, wait, skipped = all_sum([sums.loss, sums.correct, sums.seen, sums.seconds,
                                                            sums.data_seconds, len(sums.skipped)], run.device)
     world, total = run.dist.world, seconds + wait  # seconds: compute only; wait: blocked on the loader
-    return {"epoch": run.state.epoch + 1, "lr": run.optimizer.param_groups[-1]["lr"],
+    backbone_lr = next((g["lr"] for g in run.optimizer.param_groups if g.get("part") == "backbone"), None)
+    return {"epoch": run.state.epoch + 1, "lr": run.optimizer.param_groups[-1]["lr"], "backbone_lr": backbone_lr,
             "train_loss": loss / max(seen, 1), "train_top1": correct / max(seen, 1),
             "img_s": seen / max(total / world, 1e-9), "data_wait": wait / max(total, 1e-9),
             "seconds": total / world, "skipped": int(skipped)}
