@@ -11,6 +11,9 @@ median and the JSON min/median/max.
 - shardtool-torch: trainer.data.make_loader(spec, "torch") over the shards, as `trainer fit` builds it,
   taking its uint8 host batches (TorchLoader.host_batches): what its workers deliver, like every
   baseline below, and all of its work on a GPU box, where the float conversion runs on the device.
+- shardtool-torch-whole-shards: the same loader reading as it did before its block mixing (spec
+  block 0, streams 1): each worker reads its shards whole, in order, through the shuffle buffer. What
+  the mixing costs in speed is shardtool-torch / this row.
 - shardtool-torch-normalised: the same through TorchLoader.epoch(), which also converts each batch to
   float, normalises it and lays it out channels_last on the device: here the CPU, in the main process.
 - shardtool-dali: DaliLoader over DALI's webdataset reader, every operator on the CPU (no GPU here);
@@ -55,7 +58,7 @@ from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, row,
 
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROWS = ("shardtool-torch", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256",
+ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256",
         "webdataset-naive", "dali-files", "decode-ceiling", "mosaic", "litdata")
 GPU_ROWS = ("shardtool-dali-gpu", "dali-files-gpu")
 IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's interpreter
@@ -133,13 +136,14 @@ def images_of(batches: Iterable[Any]) -> Iterator[Any]:
         yield batch[0]
 
 
-def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalised: bool = True) -> list[float]:
+def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalised: bool = True,
+                  **mixing: int) -> list[float]:
     from trainer.data import LoaderSpec, make_loader
     from trainer.dataset import open_dataset
 
     dataset = open_dataset(str(shards))
     spec = LoaderSpec(shards=tuple(dataset.shards("train")), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD,
-                      train=True, workers=WORKERS, shuffle_buffer=BUFFER, device=device)
+                      train=True, workers=WORKERS, shuffle_buffer=BUFFER, device=device, **mixing)
     loader = make_loader(spec, backend)
     if normalised:
         return time_epochs(lambda e: (batch.images for batch in loader.epoch(e)), epochs, loader.num_samples)
@@ -238,6 +242,8 @@ def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
     base = name.removesuffix("-gpu")
     if base == "shardtool-torch":
         return run_shardtool(shards, "torch", device, epochs, normalised=False)
+    if base == "shardtool-torch-whole-shards":
+        return run_shardtool(shards, "torch", device, epochs, normalised=False, block=0, streams=1)
     if base == "shardtool-torch-normalised":
         return run_shardtool(shards, "torch", device, epochs)
     if base == "shardtool-dali":
@@ -262,17 +268,29 @@ def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
 # ---- the parent: which rows, in which interpreter; the table -------------------------------------------------
 
 
-def run_row(name: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
-    runs = []
+def run_once(name: str, python: str, args: argparse.Namespace) -> tuple[list[float], float]:
+    """One process of row NAME: its timed epochs' images/s and its peak RSS."""
+    out = Path(tempfile.mkstemp(prefix="bench-loader-", suffix=".json")[1])
+    argv = [python, "-m", "benchmarks.loader", "--child", name, "--data", str(args.data), "--files",
+            str(args.files), "--epochs", str(args.epochs), "--child-out", str(out)]
+    _, rss = timed_run(argv, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    rates = json.loads(out.read_text())
+    out.unlink()
+    return rates, rss
+
+
+def run_rows(pythons: dict[str, str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row once per round, --repeats rounds: the rows take turns, so a slow spell of the machine
+    falls on all of them rather than on one."""
+    runs: dict[str, list[tuple[list[float], float]]] = {name: [] for name in pythons}
     for _ in range(args.repeats):
-        out = Path(tempfile.mkstemp(prefix="bench-loader-", suffix=".json")[1])
-        argv = [python, "-m", "benchmarks.loader", "--child", name, "--data", str(args.data), "--files",
-                str(args.files), "--epochs", str(args.epochs), "--child-out", str(out)]
-        _, rss = timed_run(argv, env={"PYTHONPATH": str(Path(__file__).parents[1])})
-        runs.append((json.loads(out.read_text()), rss))
-        out.unlink()
-    rates = [rate for rates, _ in runs for rate in rates]
-    return row(name, rates, [rss for _, rss in runs], epochs=len(rates))
+        for name, python in pythons.items():
+            runs[name].append(run_once(name, python, args))
+    results = []
+    for name, done in runs.items():
+        rates = [rate for rates, _ in done for rate in rates]
+        results.append(row(name, rates, [rss for _, rss in done], epochs=len(rates)))
+    return results
 
 
 def main() -> None:
@@ -302,16 +320,17 @@ def main() -> None:
         sys.exit(f"unknown rows: {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
     if gpu_name():
         names += [n for n in GPU_ROWS if n not in names and n.removesuffix("-gpu") in names]
-    results, notes = [], []
+    pythons, notes = {}, []
     for name in names:
-        python = sys.executable
+        pythons[name] = sys.executable
         if name in IN_OTHERS:
             bin_dir, why_not = other_venv()
-            python = str(bin_dir / "python") if bin_dir else None
-            if python is None:
+            if bin_dir is None:
+                del pythons[name]
                 notes.append(f"{name}: not measured, {why_not}")
                 continue
-        results.append(run_row(name, python, args))
+            pythons[name] = str(bin_dir / "python")
+    results = run_rows(pythons, args)
     add_ratio(results, "vs_imagefolder", "imagefolder")
     add_ratio(results, "vs_ceiling", "decode-ceiling")
     settings = {"data": str(args.data), "files": str(args.files), "batch_size": BATCH, "image_size": SIZE,
