@@ -129,3 +129,14 @@ def test_command_line_json_and_one_line_errors(data: Path, tmp_path: Path) -> No
         lines = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
         assert failed.returncode == 2 and len(lines) == 1 and expected in lines[0], failed.stderr[-2000:]
         assert "Traceback" not in failed.stderr
+
+
+def test_a_split_larger_than_a_chunk_trains_to_the_same_head(data: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = run(data, tmp_path / "cache")
+    monkeypatch.setattr("trainer.linear.CHUNK_ROWS", 50)  # train: 3 chunks read from the memmap per pass
+    chunked = run(data, tmp_path / "cache")
+    assert chunked["cached"] and chunked["l2"] == whole["l2"]
+    for role in ("val", "test"):
+        assert chunked[role]["top1"] == whole[role]["top1"]
+        assert chunked[role]["loss"] == pytest.approx(whole[role]["loss"], rel=1e-3)

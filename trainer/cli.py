@@ -226,12 +226,18 @@ def predict(ckpt: str, data: str, split: str, out: str, group: bool, batch_size:
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--amp", default="auto", show_default=True, help=HELP["amp"])
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
-@click.option("--seed", default=0, show_default=True, help="Initialises a random-init backbone (tiny_cnn, --weights none).")
+@click.option("--seed", default=0, show_default=True,
+              help="Initialises a random-init backbone (tiny_cnn, --weights none).")
 @click.option("--train-split", default="train", show_default=True, help="Split the head is trained on.")
-@click.option("--val-split", default="val", show_default=True, help="Split the L2 is chosen on (val finds validation).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per split top1, top5, loss; l2, cached, ...).")
+@click.option("--val-split", default="val", show_default=True,
+              help="Split the L2 is chosen on (val finds validation; absent: L2 0.1).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (per split top1, top5, loss; l2, cached, ...).")
 def probe(data: str, as_json: bool, **options: Any) -> None:
-    """Linear probe: a softmax head on DATA's frozen-backbone features (extracted once, cached); val/test top-1."""
+    """Linear probe: a softmax head on DATA's frozen-backbone features (extracted once, cached); val/test top-1.
+
+    The number every fine-tune should beat; --save writes a checkpoint that evaluate and predict read.
+    """
     from trainer.probe import ProbeConfig
     from trainer.probe import probe as run_probe
 
