@@ -1,4 +1,4 @@
-"""The trainer command line: fit, evaluate, predict. Parse, delegate to the library, render with rich."""
+"""The trainer command line: fit, evaluate, predict, probe. Parse, delegate to the library, render with rich."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def fit_options(command: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="trainer")
 def main() -> None:
-    """Train, evaluate and predict from shardtool shards."""
+    """Train, evaluate, predict and linear-probe from shardtool shards."""
 
 
 @main.command(cls=Command)
@@ -209,3 +209,79 @@ def predict(ckpt: str, data: str, split: str, out: str, group: bool, batch_size:
     rows = predict_csv(predictor, split, Path(out), group=group, batch_size=batch_size, workers=workers,
                        loader=loader)
     console.print(f"wrote {rows:,} {'groups' if group else 'predictions'} to {out}", markup=False)
+
+
+@main.command(cls=Command)
+@click.argument("data")
+@click.option("--model", default="efficientnet_lite0", show_default=True, help=HELP["model"])
+@click.option("--weights", default="imagenet", show_default=True, help=HELP["weights"])
+@click.option("--image-size", default=0, show_default=True,
+              help="Side of the centre crop every split is seen at (shorter side to side/0.875 first, as fit "
+                   "evaluates) [0: the model's own].")
+@click.option("--out", "out", default="", type=click.Path(),
+              help="Folder of the feature cache [DATA/.probe/MODEL]; reused while model, weights, seed, "
+                   "preprocessing, amp, loader and the shards' sha256 match.")
+@click.option("--save", default="", type=click.Path(),
+              help="Write backbone + head to this checkpoint, for trainer evaluate / predict.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per batch while extracting.")
+@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
+@click.option("--amp", default="auto", show_default=True, help=HELP["amp"])
+@click.option("--device", default="auto", show_default=True, help=HELP["device"])
+@click.option("--seed", default=0, show_default=True,
+              help="Initialises a random-init backbone (tiny_cnn, --weights none).")
+@click.option("--train-split", default="train", show_default=True, help="Split the head is trained on.")
+@click.option("--val-split", default="val", show_default=True,
+              help="Split the L2 is chosen on (val finds validation; absent: L2 0.1).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (per split top1, top5, loss; l2, cached, ...).")
+def probe(data: str, as_json: bool, **options: Any) -> None:
+    """Linear probe: a softmax head on DATA's frozen-backbone features (extracted once, cached); val/test top-1.
+
+    The number every fine-tune should beat; --save writes a checkpoint that evaluate and predict read.
+    """
+    from trainer.probe import ProbeConfig
+    from trainer.probe import probe as run_probe
+
+    with SplitProgress() as bar:
+        result = run_probe(ProbeConfig(data=data, **options).validate(), progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    render_probe(result)
+
+
+class SplitProgress:
+    """A rich bar per split while features are extracted."""
+
+    def __init__(self) -> None:
+        columns = [TextColumn("features {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        self.bar = Progress(*columns, console=err, disable=not err.is_terminal)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> SplitProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, role: str, done: int, total: int) -> None:
+        if role not in self.tasks:
+            self.tasks[role] = self.bar.add_task(role, total=total)
+        self.bar.update(self.tasks[role], completed=done)
+
+
+def render_probe(result: dict[str, Any]) -> None:
+    seconds, rows = result["seconds"], {role: result[role]["num_samples"] for role in result["splits"]}
+    how = "cached" if result["cached"] else f"extracted in {seconds['features']:.1f} s"
+    sizes = ", ".join(f"{role} {n:,}" for role, n in rows.items())
+    console.print(f"features: {result['feature_dim']}-d, {how} ({sizes}) in {result['cache']}", markup=False)
+    chosen = f"by val top-1 from {len(result['grid'])} values" if result["grid"] else "(no val split to choose by)"
+    console.print(f"head: L2 {result['l2']:g} {chosen}, {seconds['head']:.1f} s", markup=False)
+    for role, split in result["splits"].items():
+        r = result[role]
+        console.print(f"{role} ({split}): top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  loss {r['loss']:.4f}  "
+                      f"({r['num_samples']} images)", markup=False)
+    if result["saved"]:
+        console.print(f"saved backbone + head to {result['saved']} (trainer evaluate / predict read it)", markup=False)

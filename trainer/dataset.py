@@ -107,8 +107,13 @@ def open_dataset(data: str) -> Dataset:
     return dataset
 
 
+def is_url(path: str) -> bool:
+    """A URL webdataset's gopen reads (https://, s3://, ...), not a local path."""
+    return bool(_URL.match(path))
+
+
 def _join(root: str, name: str) -> str:
-    if _URL.match(root):
+    if is_url(root):
         return root.rstrip("/") + "/" + name
     return str(Path(root) / name)
 

@@ -69,15 +69,20 @@ class Loader(Protocol):
 
 def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     """backend: torch | dali | auto (dali when it is installed and a GPU is there, else torch)."""
-    if backend == "auto":
-        backend = "dali" if spec.device.startswith("cuda") and dali_available() else "torch"
-    if backend == "dali":
+    if resolve_backend(backend, spec.device) == "dali":
         from trainer.data.dali import DaliLoader
 
         return DaliLoader(spec)
     from trainer.data.torch import TorchLoader
 
     return TorchLoader(spec)
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """The backend make_loader runs for BACKEND (auto: dali on a GPU when installed, else torch)."""
+    if backend == "auto":
+        return "dali" if device.startswith("cuda") and dali_available() else "torch"
+    return backend
 
 
 def dali_available() -> bool:

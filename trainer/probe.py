@@ -1,0 +1,173 @@
+"""trainer probe: the linear-probe baseline every fine-tune should beat, and a CPU's quick classifier.
+
+    manifest -> model from the registry (frozen, eval) -> cached pooled features per split (features.py)
+             -> softmax head, L2 chosen by val top-1 (linear.py) -> val/test top-1
+             -> --save: backbone + that head as a checkpoint evaluate/predict load like fit's
+
+The feature cache lives in --out (default DATA/.probe/MODEL) and is reused while the model, weights,
+seed, preprocessing, amp, loader and every shard's sha256 stay the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import save_checkpoint
+from trainer.data import LoaderSpec, resolve_backend
+from trainer.dataset import Dataset, is_url, open_dataset
+from trainer.errors import ConfigError
+from trainer.features import CACHE_VERSION, Progress, SplitFeatures, extract_all, load_cached
+from trainer.fit import make_amp, new_meter_for, resolve_device
+from trainer.linear import Choice, Rows, choose_head, score
+from trainer.loop import Amp
+from trainer.models import Model, create_model
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    data: str
+    out: str = ""  # feature cache folder; "": DATA/.probe/MODEL
+    save: str = ""  # checkpoint path for backbone + head; "": not saved
+    model: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | PATH to a state dict
+    image_size: int = 0  # side of the centre crop (shorter side resized to side/0.875); 0: the model's own
+    batch_size: int = 64
+    workers: int = 2
+    loader: str = "auto"  # auto | torch | dali
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    device: str = "auto"
+    seed: int = 0  # initialises a random-init backbone (tiny_cnn, --weights none)
+    train_split: str = "train"
+    val_split: str = "val"
+    on_corrupt: str = "fail"  # the only policy: a cache must hold every sample (evaluate reads it from here)
+
+    def validate(self) -> ProbeConfig:
+        choices = {"loader": ("auto", "torch", "dali"), "amp": ("auto", "bf16", "fp16", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.batch_size < 1 or self.workers < 0 or self.image_size < 0:
+            raise ConfigError("batch_size must be at least 1, workers and image_size at least 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def probe(config: ProbeConfig, progress: Progress = lambda role, done, total: None) -> dict[str, Any]:
+    """Features (cached or extracted), the chosen head, its top-1 per split; saves it with CONFIG.save."""
+    start = time.perf_counter()
+    dataset = open_dataset(config.data)
+    roles = split_roles(config, dataset)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, len(dataset.classes), config.weights)
+    model.module.to(device).to(memory_format=torch.channels_last).eval()
+    amp, pre = make_amp(config.amp, device), preprocessing(model, config.image_size)
+    backend = resolve_backend(config.loader, str(device))
+    folder = cache_folder(config, dataset)
+    specs = {role: eval_spec(config, dataset, split, pre, device) for role, split in roles.items()}
+    key = cache_key(config, dataset, roles, specs, amp, backend)
+    features = load_cached(folder, key)
+    cached = features is not None
+    if features is None:
+        features = extract_all(model, specs, backend, amp, folder, key, progress)
+    extracted = time.perf_counter()
+    choice = choose_head(features["train"], features.get("val"), len(dataset.classes),
+                         lambda: new_meter_for(dataset, torch.device("cpu")))
+    results = {role: score(choice.head, Rows(split), new_meter_for(dataset, torch.device("cpu")))
+               for role, split in features.items()}
+    summary = report(config, roles, folder, cached, features, choice, results)
+    summary["seconds"] = {"features": extracted - start, "head": time.perf_counter() - extracted}
+    if config.save:
+        save_probe(config, dataset, model, choice, pre, summary)
+    summary["seconds"]["total"] = time.perf_counter() - start
+    return summary
+
+
+def split_roles(config: ProbeConfig, dataset: Dataset) -> dict[str, str]:
+    """role (train, val, test) -> the manifest's split name; val and test only when the data has them."""
+    if not dataset.classes:
+        raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to probe")
+    roles = {"train": dataset.split_name(config.train_split)}  # a missing train split is a one-line error
+    if not dataset.labelled(roles["train"]):
+        raise ConfigError(f"split {roles['train']!r} is unlabelled: pick a labelled one with --train-split")
+    if dataset.has_split(config.val_split) and dataset.labelled(config.val_split):
+        roles["val"] = dataset.split_name(config.val_split)
+    if dataset.has_split("test") and dataset.split_name("test") not in roles.values():
+        roles["test"] = dataset.split_name("test")
+    return roles
+
+
+def preprocessing(model: Model, image_size: int) -> dict[str, Any]:
+    """The checkpoint's preprocessing, as fit writes it: every split gets the eval transform at one size."""
+    size = image_size or model.input_size
+    return {"image_size": size, "train_image_size": size, "mean": list(model.mean), "std": list(model.std)}
+
+
+def eval_spec(config: ProbeConfig, dataset: Dataset, split: str, pre: dict[str, Any],
+              device: torch.device) -> LoaderSpec:
+    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
+                      image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=False,
+                      labelled=dataset.labelled(split), workers=config.workers, on_corrupt="fail", device=str(device))
+
+
+def cache_folder(config: ProbeConfig, dataset: Dataset) -> Path:
+    if config.out:
+        return Path(config.out)
+    if is_url(dataset.root):
+        raise ConfigError(f"{config.data} is remote: give --out, a local folder for the feature cache")
+    return Path(dataset.root) / ".probe" / config.model.replace("/", "_").replace(":", "_")
+
+
+def cache_key(config: ProbeConfig, dataset: Dataset, roles: dict[str, str], specs: dict[str, LoaderSpec],
+              amp: Amp, backend: str) -> dict[str, Any]:
+    """Everything the cached features depend on; any change recomputes them."""
+    spec = specs["train"]
+    hashes = {role: {"split": split, "sha256": [s["sha256"] for s in dataset.manifest["splits"][split]["shards"]
+                                                if dataset.selected is None or s["name"] in dataset.selected]}
+              for role, split in roles.items()}
+    return {"version": CACHE_VERSION, "model": config.model, "weights": weights_id(config.weights),
+            "seed": config.seed, "preprocessing": {"resize_shorter": spec.eval_resize, "centre_crop": spec.image_size,
+                                                   "mean": list(spec.mean), "std": list(spec.std)},
+            "amp": str(amp.dtype), "loader": backend, "splits": hashes}
+
+
+def weights_id(weights: str) -> str:
+    """imagenet | none as they are; a state-dict file by its sha256 (a path may be overwritten)."""
+    if weights in ("imagenet", "none") or not Path(weights).is_file():
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def report(config: ProbeConfig, roles: dict[str, str], folder: Path, cached: bool,
+           features: dict[str, SplitFeatures], choice: Choice, results: dict[str, Any]) -> dict[str, Any]:
+    return {"model": config.model, "data": config.data, "splits": roles, "cache": str(folder), "cached": cached,
+            "feature_dim": int(features["train"].features.shape[1]),
+            "l2": choice.l2, "grid": choice.grid, **results, "saved": config.save or None}
+
+
+def save_probe(config: ProbeConfig, dataset: Dataset, model: Model, choice: Choice, pre: dict[str, Any],
+               summary: dict[str, Any]) -> None:
+    """The backbone with the probe's head, in fit's checkpoint format (config: the probe's)."""
+    with torch.no_grad():
+        model.head.weight.copy_(choice.head.weight)
+        model.head.bias.copy_(choice.head.bias)
+    state = {"model": {k: v.cpu() for k, v in model.module.state_dict().items()}, "config": config.to_dict(),
+             "classes": dataset.class_names, "class_entries": dataset.classes, "preprocessing": pre,
+             "probe": {k: summary[k] for k in ("l2", "grid", "splits")} |
+                      {role: summary[role]["top1"] for role in ("val", "test") if role in summary}}
+    path = Path(config.save)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, path)
