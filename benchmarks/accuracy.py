@@ -1,0 +1,127 @@
+"""Accuracy of the default recipe on every labelled dataset in ../shared/data, against a linear probe.
+
+    python -m benchmarks.accuracy [--datasets clothing-small,fb-marketplace,fashion-mnist] [--json]
+                                  [--fit-args "--epochs 9 ..."] [--name accuracy]
+
+For each dataset, packed once into benchmarks/.cache/accuracy/ as a user would pack it:
+- clothing-small: its own train/validation/test folders, `--resize shorter:256`;
+- fb-marketplace: Images.csv joined to Products.csv, the top level of the category path as the label,
+  split val=0.15,test=0.15 by product (`--join` groups a product's images), `--resize shorter:256`;
+  rows whose image is not in the folder are counted skips (`--max-skip-fraction 1`);
+- fashion-mnist: the pixel CSV (28x28 grey, lossless PNG), `--split val=0.15,test=0.15 --stratify`;
+then `trainer probe` (the frozen backbone's features + a softmax head) and `trainer fit` with RECIPE
+(the README's command, the same flags for every dataset), EfficientNet-Lite0 with its ImageNet weights.
+Each row: val and test top-1 of both, the fit's wall time and training images/s, and the val top-1 of
+the last frozen epoch and of the first unfrozen one (a drop there is the collapse at the unfreeze).
+
+Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import CACHE, emit, tool
+
+RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
+COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "frozen_val", "unfrozen_val",
+           "fit_beats_probe", "fit_minutes", "img_s", "probe_seconds"]
+
+
+def real_data() -> Path:
+    return Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+
+
+def pack_args(name: str, real: Path) -> list[str]:
+    """`shardtool pack` arguments for dataset NAME (without OUT)."""
+    if name == "clothing-small":
+        return [str(real / name), "--resize", "shorter:256"]
+    if name == "fb-marketplace":
+        fb = real / name
+        return [str(fb / "Images.csv"), "--images", str(fb / "images"), "--image-col", "id", "--image-suffix", ".jpg",
+                "--join", str(fb / "Products.csv"), "--join-on", "product_id=id", "--label-col", "category",
+                "--label-level", "1", "--split", "val=0.15,test=0.15", "--resize", "shorter:256",
+                "--max-skip-fraction", "1"]
+    if name == "fashion-mnist":
+        return [str(real / name / "fashion-mnist_test.csv"), "--split", "val=0.15,test=0.15", "--stratify"]
+    raise ValueError(f"unknown dataset {name}")
+
+
+def packed(name: str, real: Path) -> Path:
+    out = CACHE / "accuracy" / name
+    if not (out / "dataset.json").exists():
+        subprocess.run([tool("shardtool"), "pack", *pack_args(name, real)[:1], str(out), *pack_args(name, real)[1:],
+                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def run_probe(data: Path, out: Path) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    done = subprocess.run([tool("trainer"), "probe", str(data), "--out", str(out), "--json"], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout), time.perf_counter() - start
+
+
+def run_fit(data: Path, out: Path, fit_args: list[str]) -> tuple[list[dict[str, str]], dict[str, Any], float]:
+    start = time.perf_counter()
+    subprocess.run([tool("trainer"), "fit", str(data), str(out), *fit_args, "--overwrite"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    with open(out / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    return rows, json.loads((out / "summary.json").read_text()), seconds
+
+
+def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str, Any]:
+    data = packed(name, real)
+    splits = json.loads((data / "dataset.json").read_text())["splits"]
+    probe, probe_seconds = run_probe(data, work / f"{name}-probe")
+    rows, summary, seconds = run_fit(data, work / f"{name}-fit", fit_args)
+    config = yaml.safe_load((work / f"{name}-fit" / "config.yaml").read_text(encoding="utf-8"))
+    frozen = config["freeze_epochs"]
+    val = [float(row["val_top1"]) for row in rows]
+    best = max(val)
+    test = summary.get("test", {}).get("top1")
+    train_images = splits["train"]["num_samples"]
+    return {"name": name, "train_images": train_images, "classes": len(json.loads((data / "dataset.json").read_text())["classes"]),
+            "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
+            "fit_val": best, "fit_test": test,
+            "frozen_val": val[frozen - 1] if 0 < frozen <= len(val) else None,
+            "unfrozen_val": val[frozen] if frozen < len(val) else None,
+            "fit_beats_probe": best > probe["val"]["top1"], "fit_minutes": round(seconds / 60, 2),
+            "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),
+            "val_by_epoch": val, "fit_args": fit_args}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="clothing-small,fb-marketplace,fashion-mnist")
+    parser.add_argument("--fit-args", default=shlex.join(RECIPE), help="flags for trainer fit [the README's recipe]")
+    parser.add_argument("--name", default="accuracy", help="results/<name>.json (to keep a trial beside the default)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    real = real_data()
+    names = [n for n in args.datasets.split(",") if n]
+    missing = [n for n in names if not (real / n).exists()]
+    if missing:
+        sys.exit(f"not found under {real}: {', '.join(missing)} (set SHARDTOOL_REAL_DATA)")
+    work = CACHE / "accuracy-runs"
+    results = [measure(name, real, shlex.split(args.fit_args), work) for name in names]
+    settings = {"model": "efficientnet_lite0", "weights": "imagenet", "fit_args": shlex.split(args.fit_args),
+                "pack": {name: pack_args(name, Path("$SHARDTOOL_REAL_DATA"))[1:] for name in names}}
+    emit(args.name, settings, results, COLUMNS, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from shardtool.cli import main
+
+main()
