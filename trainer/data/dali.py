@@ -3,7 +3,8 @@
 One pipeline definition for both devices; only the decoder's device changes ("mixed" = nvJPEG on
 the GPU, "cpu" otherwise, where every operator runs on the CPU and the pipeline has device_id=None):
 
-    shards in the epoch's order (plan.epoch_shards, as the torch loader)
+    shards in the epoch's order (plan.epoch_shards: whole shards, shuffled; DALI's reader cannot
+    start mid-shard, so unlike the torch loader it mixes only shards packed --order shuffled)
       -> fn.readers.webdataset(shard_id=rank, num_shards=world, stick_to_shard, pad_last_batch,
                                random_shuffle + initial_fill when training)  -> encoded image, [cls], json
       -> fn.decoders.image(RGB)                                               -> uint8 H x W x 3
