@@ -140,3 +140,25 @@ def test_a_split_larger_than_a_chunk_trains_to_the_same_head(data: Path, tmp_pat
     for role in ("val", "test"):
         assert chunked[role]["top1"] == whole[role]["top1"]
         assert chunked[role]["loss"] == pytest.approx(whole[role]["loss"], rel=1e-3)
+
+
+def test_fit_starts_its_head_from_the_probe(data: Path, tmp_path: Path) -> None:
+    """LP-FT: with pretrained weights `fit` fits the probe first (OUT/probe) and starts from its head. At an
+    LR too small to move anything, one epoch later the model still scores exactly the probe's val top-1."""
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    common = {"model": "efficientnet_lite0", "weights": "imagenet", "image_size": 64, "epochs": 1, "batch_size": 16,
+              "workers": 0, "amp": "none", "lr": 1e-12, "warmup_epochs": 0}
+    rows: list[dict] = []
+    summary = fit(FitConfig(str(data), str(tmp_path / "lpft"), **common), on_epoch=rows.append)
+    alone = run(data, tmp_path / "alone", model="efficientnet_lite0", weights="imagenet", image_size=64)
+    assert (tmp_path / "lpft" / "probe" / "probe.pt").is_file()
+    assert summary["probe"]["val"] == alone["val"]["top1"] >= 0.75
+    assert rows[0]["val_top1"] == pytest.approx(alone["val"]["top1"])
+
+    random_rows: list[dict] = []
+    summary = fit(FitConfig(str(data), str(tmp_path / "random"), **common, head_init="random"),
+                  on_epoch=random_rows.append)
+    assert "probe" not in summary and not (tmp_path / "random" / "probe").exists()
+    assert random_rows[0]["val_top1"] < 0.75  # a random head, not moved: no better than guessing

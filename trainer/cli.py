@@ -30,6 +30,8 @@ HELP = {
     "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Decoupled weight decay.",
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
     "min_lr": "Cosine floor as a fraction of --lr.",
+    "head_init": "probe: start the head as the linear probe's (fitted on the frozen backbone's cached features "
+                 "in OUT/probe, then fine-tune everything: LP-FT) | random | auto: probe with pretrained weights.",
     "freeze_epochs": "Train only the head for this many epochs (backbone frozen, its BatchNorm in eval).",
     "unfreeze_warmup_epochs": "After --freeze-epochs, the backbone's LR ramps up from 0 over this many epochs "
                               "(its optimizer state starts empty; a full LR at once undoes the frozen epochs).",

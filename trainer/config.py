@@ -15,7 +15,7 @@ from trainer.errors import ConfigError
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
                 "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "freeze_bn", "warmup_epochs",
-                "unfreeze_warmup_epochs",
+                "unfreeze_warmup_epochs", "head_init",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
 
@@ -37,7 +37,8 @@ class FitConfig:
     momentum: float = 0.9
     warmup_epochs: float = 0.5
     min_lr: float = 0.01  # cosine floor, as a fraction of lr
-    freeze_epochs: int = 2  # epochs training the head only, backbone frozen (BN in eval)
+    head_init: str = "auto"  # probe: the linear probe's head (LP-FT) | random | auto: probe with pretrained weights
+    freeze_epochs: int = 0  # epochs training the head only, backbone frozen (BN in eval)
     unfreeze_warmup_epochs: float = 1.0  # the backbone's LR ramps up from 0 over this long after unfreezing
     freeze_bn: bool = True  # keep the pretrained BN running statistics for the whole run (not with weights none)
     label_smoothing: float = 0.1
@@ -64,7 +65,7 @@ class FitConfig:
     def validate(self) -> FitConfig:
         choices = {"optimizer": ("adamw", "sgd"), "amp": ("auto", "bf16", "fp16", "none"),
                    "loader": ("auto", "torch", "dali"), "metric": METRICS, "on_corrupt": ("fail", "skip"),
-                   "norm": ("model", "dataset")}
+                   "norm": ("model", "dataset"), "head_init": ("auto", "probe", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -73,11 +74,20 @@ class FitConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError("crop_scale must be in (0, 1]")
+        if self.head_init == "probe" and (self.weights == "none" or self.norm != "model"):
+            raise ConfigError("--head-init probe needs pretrained --weights and --norm model (the probe's features)")
         if self.unfreeze_warmup_epochs < 0 or self.warmup_epochs < 0:
             raise ConfigError("warmup_epochs and unfreeze_warmup_epochs must be >= 0")
         if self.freeze_epochs < 0 or self.workers < 0 or min(self.image_size, self.eval_image_size) < 0 or self.lr <= 0:
             raise ConfigError("freeze_epochs, workers, image_size and eval_image_size must be >= 0 and lr > 0")
         return self
+
+    @property
+    def probe_head(self) -> bool:
+        """Whether the head starts as the linear probe's (auto: with pretrained weights and their norm)."""
+        if self.head_init == "auto":
+            return self.weights != "none" and self.norm == "model"
+        return self.head_init == "probe"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

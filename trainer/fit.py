@@ -58,6 +58,7 @@ class Run:
     out: Path
     state: State = field(default_factory=State)
     keys: KeyLog | None = None
+    probe: dict[str, float] = field(default_factory=dict)  # the probe's top-1 when the head started from it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,6 +190,8 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(config, out / "config.yaml")
+    if checkpoint is None and config.probe_head:
+        start_from_probe(run)
     log = RunLog(out, resume_epoch=run.state.epoch if resume else None) if dist.main else None
     if config.log_keys:
         run.keys = KeyLog(out, dist.rank, run.state.step if resume else None)
@@ -204,6 +207,21 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
             log.close()
         if run.keys is not None:
             run.keys.close()
+
+
+def start_from_probe(run: Run) -> None:
+    """LP-FT (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"): the head starts as the
+    linear probe's, fitted in seconds on the frozen backbone's cached features, so the backbone's first
+    gradients come through a good head, not a random one. Rank 0 runs the probe into OUT/probe."""
+    from trainer.probe import fit_probe  # probe.py builds on fit.py's helpers
+
+    folder = run.out / "probe"
+    if run.dist.main:
+        result = fit_probe(run.config, folder)
+        run.probe = {role: result[role]["top1"] for role in ("val", "test") if role in result} | {"l2": result["l2"]}
+    barrier()
+    head = load_checkpoint(folder / "probe.pt")["model"]
+    run.model.module.load_state_dict(head)
 
 
 def stop_early(run: Run) -> bool:
@@ -319,6 +337,8 @@ def finish(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
     best = load_checkpoint(run.out / "best.pt") if (run.out / "best.pt").is_file() else None
     summary: dict[str, Any] = {"best_epoch": run.state.best_epoch, "best": {run.config.metric: run.state.best},
                                "epochs": run.state.epoch, "steps": run.state.step}
+    if run.probe:
+        summary["probe"] = run.probe  # the head fit started from: its top-1 (val, test) before fine-tuning
     split = "test" if run.dataset.has_split("test") else (run.config.val_split if run.val is not None else None)
     if best is not None and split is not None:
         run.model.module.load_state_dict(best["model"])
