@@ -11,8 +11,9 @@ For each dataset, packed once into benchmarks/.cache/accuracy/ as a user would p
 - fashion-mnist: the pixel CSV (28x28 grey, lossless PNG), `--split val=0.15,test=0.15 --stratify`;
 then `trainer probe` (the frozen backbone's features + a softmax head) and `trainer fit` with RECIPE
 (the README's command, the same flags for every dataset), EfficientNet-Lite0 with its ImageNet weights.
-Each row: val and test top-1 of both, the fit's wall time and training images/s, and the val top-1 of
-the last frozen epoch and of the first unfrozen one (a drop there is the collapse at the unfreeze).
+Each row: val and test top-1 of both, the fit's wall time and training images/s, and the val top-1
+before the backbone starts learning (the head fit starts from: the probe's with LP-FT, else the last
+frozen epoch's) and after its first epoch of learning (a drop there is the collapse at the unfreeze).
 
 Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
 """
@@ -97,7 +98,7 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     return {"name": name, "train_images": train_images, "classes": len(json.loads((data / "dataset.json").read_text())["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
             "fit_val": best, "fit_test": test,
-            "frozen_val": val[frozen - 1] if 0 < frozen <= len(val) else None,
+            "frozen_val": val[frozen - 1] if frozen else summary.get("probe", {}).get("val"),
             "unfrozen_val": val[frozen] if frozen < len(val) else None,
             "fit_beats_probe": best > probe["val"]["top1"], "fit_minutes": round(seconds / 60, 2),
             "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),
