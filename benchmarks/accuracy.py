@@ -35,7 +35,7 @@ import yaml
 
 from benchmarks.common import CACHE, emit, tool
 
-RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
+RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "6"]
 COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "frozen_val", "unfrozen_val",
            "fit_beats_probe", "fit_minutes", "img_s", "probe_seconds"]
 

@@ -31,7 +31,7 @@ class FitConfig:
     image_size: int = 0  # 0: the model's own input size
     eval_image_size: int = 0  # side for val/test/predict; 0: image_size (FixRes: a bit above it often scores higher)
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 5e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
+    lr: float = 1e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1
     weight_decay: float = 0.05
     momentum: float = 0.9
