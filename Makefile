@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/shardtool pack $(DEMO)/shapes $(DEMO)/shards --split val=0.1,test=0.1 --stratify --resize shorter:96 --shard-size 128 --overwrite
 	$(BIN)/shardtool verify $(DEMO)/shards --decode
 	$(BIN)/trainer fit $(DEMO)/shards $(DEMO)/run --model efficientnet_lite0 --image-size 96 --epochs 3 \
-		--freeze-epochs 1 --batch-size 32 --lr 0.003 --crop-scale 0.35 --overwrite
+		--batch-size 32 --crop-scale 0.35 --overwrite
 
 test: venv
 	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q
