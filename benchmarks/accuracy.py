@@ -62,8 +62,9 @@ def pack_args(name: str, real: Path) -> list[str]:
 def packed(name: str, real: Path) -> Path:
     out = CACHE / "accuracy" / name
     if not (out / "dataset.json").exists():
-        subprocess.run([tool("shardtool"), "pack", *pack_args(name, real)[:1], str(out), *pack_args(name, real)[1:],
-                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+        source, *options = pack_args(name, real)
+        subprocess.run([tool("shardtool"), "pack", source, str(out), *options, "--overwrite"], check=True,
+                       stdout=subprocess.DEVNULL)
     return out
 
 
@@ -86,7 +87,7 @@ def run_fit(data: Path, out: Path, fit_args: list[str]) -> tuple[list[dict[str, 
 
 def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str, Any]:
     data = packed(name, real)
-    splits = json.loads((data / "dataset.json").read_text())["splits"]
+    manifest = json.loads((data / "dataset.json").read_text())
     probe, probe_seconds = run_probe(data, work / f"{name}-probe")
     rows, summary, seconds = run_fit(data, work / f"{name}-fit", fit_args)
     config = yaml.safe_load((work / f"{name}-fit" / "config.yaml").read_text(encoding="utf-8"))
@@ -94,8 +95,8 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     val = [float(row["val_top1"]) for row in rows]
     best = max(val)
     test = summary.get("test", {}).get("top1")
-    train_images = splits["train"]["num_samples"]
-    return {"name": name, "train_images": train_images, "classes": len(json.loads((data / "dataset.json").read_text())["classes"]),
+    train_images = manifest["splits"]["train"]["num_samples"]
+    return {"name": name, "train_images": train_images, "classes": len(manifest["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
             "fit_val": best, "fit_test": test,
             "frozen_val": val[frozen - 1] if frozen else summary.get("probe", {}).get("val"),

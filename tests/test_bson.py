@@ -517,9 +517,9 @@ def stored_products(out: Path) -> list[tuple[str, str]]:
     found = []
     for shard in manifest_of(out)["splits"]["train"]["shards"]:
         with tarfile.open(out / shard["name"]) as tar:
-            found += [(str(json.loads(tar.extractfile(m).read())["_id"]), "") for m in tar if m.name.endswith(".json")]
-    labels = {info["_id"]: info["label"] for info in infos(out).values()}
-    return [(product, str(labels[product])) for product, _ in found]
+            infos_in_order = (json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json"))
+            found += [(str(info["_id"]), str(info["label"])) for info in infos_in_order]
+    return found
 
 
 def test_a_dump_sorted_by_category_is_mixed_in_the_shards_with_each_products_pictures_together(tmp_path, cli):

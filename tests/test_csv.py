@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,32 @@ def test_group_split_keeps_a_product_together(tmp_path, cli):
     manifest = json.loads((out / "dataset.json").read_text())
     assert manifest["splits"]["val"]["num_samples"] == 3 * val
     assert manifest["splits"]["train"]["num_samples"] == 3 * (20 - val)
+
+
+def test_shuffled_order_gathers_a_products_scattered_rows(tmp_path, cli):
+    """Rows listed view by view (a product's 3 images far apart in the CSV): the default order writes
+    each product's images consecutively, products in a shuffled order; --order source keeps the rows'."""
+    (tmp_path / "img").mkdir()
+    rows = ["image,label,product_id"]
+    for view in range(3):
+        for product in range(20):
+            name = f"img/p{product}_{view}.jpg"
+            (tmp_path / name).write_bytes(jpeg(product * 3 + view))
+            rows.append(f"{name},{'xyz'[product % 3]},prod{product}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    stored = {}
+    for order in ("shuffled", "source"):
+        out = tmp_path / order
+        result = cli("pack", tmp_path / "list.csv", out, "--group-col", "product_id", "--order", order)
+        assert result.exit_code == 0, result.output
+        products = []
+        for shard in json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                products += [json.loads(tar.extractfile(m).read())["product_id"] for m in tar if m.name.endswith(".json")]
+        stored[order] = products
+    runs = [p for i, p in enumerate(stored["shuffled"]) if i == 0 or stored["shuffled"][i - 1] != p]
+    assert len(runs) == 20 and runs != [f"prod{i}" for i in range(20)]  # together, and not in the CSV's order
+    assert stored["source"] == [f"prod{i}" for _ in range(3) for i in range(20)]
 
 
 # --- pixel CSVs ---------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 The epoch order, when training, is every shard cut into blocks of `block` samples (16), the blocks
 shuffled by (seed, epoch); each worker reads `streams` (64) of its blocks at once, one sample from
-each in turn, into its shuffle buffer (torch.py). So batches are mixed even when the shards are not (shards packed class
-by class, ours from before `--order shuffled` or anyone else's). Shards that are read whole (a URL
-without a local .idx: no random access yet) keep whole-shard order, block 0. Eval reads the shards as listed. The
+each in turn, into its shuffle buffer (torch.py). So batches are mixed even when the shards are not
+(packed class by class: ours from before `--order shuffled`, or anyone else's). Shards read whole (a
+URL without a local .idx: no random access yet) keep whole-shard order, block 0. Eval reads the
+shards as listed. The
 rank's share is a contiguous range of that order with the same size on every rank when training
 (up to world-1 samples per epoch are left out then, different ones each epoch). The rank's range is
 cut into one contiguous range per worker, sized so that batch i comes from worker i % workers:
@@ -93,7 +94,7 @@ class WorkerPlan:
 
 
 def worker_plan(shards: tuple[Shard, ...], *, seed: int, epoch: int, train: bool, rank: int, world: int,
-                batch_size: int, workers: int, worker: int, start_batch: int, block: int = 16) -> WorkerPlan:
+                batch_size: int, workers: int, worker: int, start_batch: int, block: int) -> WorkerPlan:
     order = epoch_order(shards, seed, epoch, train, block)
     lo, hi = rank_range(sum(s.num_samples for s in shards), rank, world, equal=train)
     sizes = worker_sizes(hi - lo, batch_size, workers)
