@@ -149,15 +149,20 @@ def test_unknown_join_key_is_counted(marketplace, tmp_path, cli):
         {"source": "Images.csv:8", "detail": "product_id='p404' not in Products.csv"}]
 
 
-def test_group_split_keeps_a_product_together(tmp_path, cli):
+def product_csv(tmp_path: Path, scattered: bool = False) -> None:
+    """list.csv: 20 products x 3 views in img/, a product's rows together or (SCATTERED) view by view."""
     (tmp_path / "img").mkdir()
     rows = ["image,label,product_id"]
-    for product in range(20):
-        for view in range(3):
-            name = f"img/p{product}_{view}.jpg"
-            (tmp_path / name).write_bytes(jpeg(product * 3 + view))
-            rows.append(f"{name},{'xyz'[product % 3]},prod{product}")
+    pairs = [(p, v) for v in range(3) for p in range(20)] if scattered else [(p, v) for p in range(20) for v in range(3)]
+    for product, view in pairs:
+        name = f"img/p{product}_{view}.jpg"
+        (tmp_path / name).write_bytes(jpeg(product * 3 + view))
+        rows.append(f"{name},{'xyz'[product % 3]},prod{product}")
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_group_split_keeps_a_product_together(tmp_path, cli):
+    product_csv(tmp_path)
     out = tmp_path / "out"
     result = cli("pack", tmp_path / "list.csv", out, "--group-col", "product_id", "--split", "val=0.5",
                  "--workers", "0")
@@ -177,14 +182,7 @@ def test_group_split_keeps_a_product_together(tmp_path, cli):
 def test_shuffled_order_gathers_a_products_scattered_rows(tmp_path, cli):
     """Rows listed view by view (a product's 3 images far apart in the CSV): the default order writes
     each product's images consecutively, products in a shuffled order; --order source keeps the rows'."""
-    (tmp_path / "img").mkdir()
-    rows = ["image,label,product_id"]
-    for view in range(3):
-        for product in range(20):
-            name = f"img/p{product}_{view}.jpg"
-            (tmp_path / name).write_bytes(jpeg(product * 3 + view))
-            rows.append(f"{name},{'xyz'[product % 3]},prod{product}")
-    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    product_csv(tmp_path, scattered=True)
     stored = {}
     for order in ("shuffled", "source"):
         out = tmp_path / order
