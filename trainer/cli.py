@@ -1,4 +1,4 @@
-"""The trainer command line: fit, evaluate, predict, probe. Parse, delegate to the library, render with rich."""
+"""The trainer command line: fit, evaluate, predict, probe, export, serve. Parse, delegate to the library, render with rich."""
 
 from __future__ import annotations
 
@@ -194,23 +194,127 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
 
 @main.command(cls=Command)
 @click.argument("ckpt", type=click.Path())
-@click.argument("data")
-@click.option("--split", default="test", show_default=True, help="Split to predict (unlabelled too).")
-@click.option("--out", "out", default="preds.csv", show_default=True, type=click.Path(), help="CSV to write.")
-@click.option("--group", is_flag=True, help="One row per group (product) from averaged probabilities: _id,category_id.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--split", default="test", show_default=True, help="Shards: split to predict (unlabelled too).")
+@click.option("--out", "out", default="", type=click.Path(),
+              help="Shards: CSV to write [preds.csv]. Files: write .csv (file,rank,label,index,prob,error) or "
+                   ".json instead of printing a table.")
+@click.option("--group", is_flag=True, help="Shards: one row per group (product) from averaged probabilities: "
+                                            "_id,category_id.")
+@click.option("-k", "--top-k", "k", default=5, show_default=True, help="Files: labels per image.")
+@click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--workers", default=2, show_default=True, help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", default="auto", show_default=True)
-def predict(ckpt: str, data: str, split: str, out: str, group: bool, batch_size: int, workers: int, loader: str,
-            device: str) -> None:
-    """Write CKPT's predictions for a split of DATA to a CSV (per sample, or per product with --group)."""
-    from trainer.predict import load_predictor, predict_csv
+def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: bool, k: int, as_json: bool,
+            batch_size: int, workers: int, loader: str, device: str) -> None:
+    """Predict with CKPT on a split of shards (DATA) or on image files, folders and globs.
 
-    predictor = load_predictor(ckpt, data, device)
-    rows = predict_csv(predictor, split, Path(out), group=group, batch_size=batch_size, workers=workers,
-                       loader=loader)
-    console.print(f"wrote {rows:,} {'groups' if group else 'predictions'} to {out}", markup=False)
+    \b
+    trainer predict run/best.pt DATA --split test --out preds.csv [--group]
+    trainer predict run/best.pt photo.jpg photos/ 'more/*.png' [-k 3] [--out preds.csv|.json] [--json]
+
+    Files are read as pack reads them (EXIF rotation, greyscale, CMYK, 16-bit, alpha) and preprocessed as
+    evaluate does; a file that is not a readable image gets its error and the others go on (exit 1 then).
+    """
+    from trainer.predict import is_shards
+
+    if len(inputs) == 1 and is_shards(inputs[0]):
+        from trainer.predict import load_predictor, predict_csv
+
+        predictor = load_predictor(ckpt, inputs[0], device)
+        target = Path(out or "preds.csv")
+        rows = predict_csv(predictor, split, target, group=group, batch_size=batch_size, workers=workers,
+                           loader=loader)
+        console.print(f"wrote {rows:,} {'groups' if group else 'predictions'} to {target}", markup=False)
+        return
+    from trainer.infer import Classifier, expand_inputs
+    from trainer.predict import write_results
+
+    files = expand_inputs(inputs)
+    results = Classifier.load(ckpt, device).classify_many(files, k=k, batch_size=batch_size)
+    if out:
+        done = write_results(results, Path(out))
+    elif as_json:
+        done = []
+        for result in results:
+            done.append(result)
+            click.echo(json.dumps(result.to_dict()))
+    else:
+        done = render_results(results)
+    failed = sum(not r.ok for r in done)
+    if out:
+        console.print(f"wrote {len(done) - failed:,} predictions to {out}", markup=False)
+    if failed:
+        err.print(f"{failed:,} of {len(done):,} files could not be classified (see their errors)")
+        sys.exit(1)
+
+
+def render_results(results: Any) -> list[Any]:
+    """One line per file as it is classified: the top labels with probabilities, or the file's error."""
+    done = []
+    for result in results:
+        done.append(result)
+        if result.ok:
+            labels = "  ".join(f"{label.label} {label.prob:.1%}" for label in result.top)
+            console.print(f"{result.source}  {labels}", markup=False)
+        else:
+            err.print(f"{escape(result.source)}  [red]error:[/red] {escape(result.error)}")
+    return done
+
+
+@main.command(cls=Command)
+@click.argument("ckpt", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "torchscript"]))
+@click.option("--check-data", "data", default="",
+              help="Also check parity on every image of a split of this shardtool output (else random inputs only).")
+@click.option("--split", default="test", show_default=True, help="Split of --check-data.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar (with parity) as JSON.")
+def export(ckpt: str, out: str, fmt: str, data: str, split: str, batch_size: int, as_json: bool) -> None:
+    """Export CKPT to OUT (ONNX or TorchScript, dynamic batch axis) and a JSON sidecar OUT.json beside it.
+
+    The file takes float32 N x 3 x S x S preprocessed as the sidecar says and returns logits and
+    probabilities. It is written only if it matches the checkpoint in PyTorch (top-1 equal, probabilities
+    within 1e-4) on random inputs and, with --check-data, on every image of a split.
+    """
+    from trainer.export import export as run_export
+
+    with BatchProgress("parity") as bar:
+        result = run_export(ckpt, Path(out), fmt, data=data, split=split, batch_size=batch_size, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    parity = result["parity"]
+    console.print(f"wrote {result['path']} and {result['sidecar']}: {len(result['classes'])} classes, input "
+                  f"{'x'.join(map(str, result['input']['shape']))}", markup=False)
+    for source, p in parity["by_input"].items():
+        console.print(f"parity with the checkpoint on {p['images']} {source} images: top-1 equal for "
+                      f"{p['top1_equal']}/{p['images']}, max probability difference {p['max_prob_diff']:.2e} "
+                      f"(tolerance {parity['tolerance']:g})", markup=False)
+
+
+class BatchProgress:
+    """One rich bar over batches."""
+
+    def __init__(self, what: str) -> None:
+        columns = [TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        self.bar = Progress(*columns, console=err, disable=not err.is_terminal)
+        self.task: Any = None
+
+    def __enter__(self) -> BatchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("", total=total)
+        self.bar.update(self.task, completed=done)
 
 
 @main.command(cls=Command)

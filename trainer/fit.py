@@ -22,6 +22,7 @@ from trainer.data import Batch, Loader, LoaderSpec, make_loader
 from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
 from trainer.errors import ConfigError
+from trainer.infer import eval_resize
 from trainer.keylog import KeyLog
 from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
 from trainer.metrics import EvalMeter, RunLog, level_maps_from_manifest
@@ -92,7 +93,8 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
             raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header)")
         mean, std = tuple(norm["mean"]), tuple(norm["std"])
     train_size = config.image_size or model.input_size
-    return {"image_size": config.eval_image_size or train_size, "train_image_size": train_size,
+    size = config.eval_image_size or train_size
+    return {"image_size": size, "train_image_size": train_size, "resize_shorter": eval_resize(size),
             "mean": list(mean), "std": list(std)}
 
 
@@ -100,7 +102,7 @@ def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, d
                 split: str, train: bool) -> LoaderSpec:
     pre = preprocessing(config, dataset, model)
     return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
-                      image_size=pre["train_image_size" if train else "image_size"],
+                      image_size=pre["train_image_size" if train else "image_size"], resize_size=pre["resize_shorter"],
                       mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
                       scale=(config.crop_scale, 1.0),
                       labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,

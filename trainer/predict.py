@@ -7,12 +7,16 @@
 Grouping streams: a group's images are consecutive in the shards (pack writes a product's pictures
 together), so a group is written as soon as the worker reading it has moved past it; memory holds the
 open groups only, never the split.
+
+On image files (`trainer predict CKPT photo.jpg folder/ ...`) the work is trainer/infer.py's Classifier;
+this module only writes its results (`write_results`).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,39 @@ import torch
 
 from trainer.checkpoint import check_classes, load_checkpoint
 from trainer.data import Batch, LoaderSpec, make_loader
-from trainer.dataset import Dataset, open_dataset
+from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.fit import make_amp, new_meter_for, resolve_device
+from trainer.infer import Preprocessing, Result
 from trainer.loop import evaluate
 from trainer.metrics import EvalMeter
 from trainer.models import create_model
+
+
+def is_shards(data: str) -> bool:
+    """DATA names shards (a shardtool output folder, a URL, a brace pattern or .tar), not image files."""
+    return is_url(data) or "{" in data or data.endswith(".tar") or (Path(data) / "dataset.json").is_file()
+
+
+def write_results(results: Iterable[Result], out: Path) -> list[Result]:
+    """Per-file predictions to OUT: .json (a list of `Result.to_dict()`) or CSV, one row per label:
+    file,rank,label,index,prob,error (a file that failed: one row with its error)."""
+    done: list[Result] = []
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if out.suffix.lower() == ".json":
+            done = list(results)
+            json.dump([r.to_dict() for r in done], f, indent=1)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(["file", "rank", "label", "index", "prob", "error"])
+            for result in results:
+                done.append(result)
+                for rank, label in enumerate(result.top, 1):
+                    writer.writerow([result.source, rank, label.label, label.index, f"{label.prob:.6f}", ""])
+                if not result.ok:
+                    writer.writerow([result.source, "", "", "", "", result.error])
+    tmp.replace(out)
+    return done
 
 
 @dataclass
@@ -50,9 +82,9 @@ def load_predictor(ckpt: str, data: str, device: str = "auto") -> Predictor:
 
 
 def eval_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
-    pre = p.checkpoint["preprocessing"]
-    return LoaderSpec(shards=tuple(p.dataset.shards(split)), batch_size=batch_size, image_size=pre["image_size"],
-                      mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=False,
+    pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
+    return LoaderSpec(shards=tuple(p.dataset.shards(split)), batch_size=batch_size, image_size=pre.image_size,
+                      resize_size=pre.resize_shorter, mean=pre.mean, std=pre.std, train=False,
                       labelled=p.dataset.labelled(split), workers=workers, device=str(p.device),
                       on_corrupt=p.checkpoint["config"]["on_corrupt"])
 

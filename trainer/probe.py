@@ -25,6 +25,7 @@ from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.errors import ConfigError
 from trainer.features import CACHE_VERSION, Progress, SplitFeatures, extract_all, load_cached
 from trainer.fit import make_amp, new_meter_for, resolve_device
+from trainer.infer import eval_resize
 from trainer.linear import Choice, Rows, choose_head, score
 from trainer.loop import Amp
 from trainer.models import Model, create_model
@@ -109,14 +110,16 @@ def split_roles(config: ProbeConfig, dataset: Dataset) -> dict[str, str]:
 def preprocessing(model: Model, image_size: int) -> dict[str, Any]:
     """The checkpoint's preprocessing, as fit writes it: every split gets the eval transform at one size."""
     size = image_size or model.input_size
-    return {"image_size": size, "train_image_size": size, "mean": list(model.mean), "std": list(model.std)}
+    return {"image_size": size, "train_image_size": size, "resize_shorter": eval_resize(size), "mean": list(model.mean),
+            "std": list(model.std)}
 
 
 def eval_spec(config: ProbeConfig, dataset: Dataset, split: str, pre: dict[str, Any],
               device: torch.device) -> LoaderSpec:
     return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
-                      image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=False,
-                      labelled=dataset.labelled(split), workers=config.workers, on_corrupt="fail", device=str(device))
+                      image_size=pre["image_size"], resize_size=pre["resize_shorter"], mean=tuple(pre["mean"]),
+                      std=tuple(pre["std"]), train=False, labelled=dataset.labelled(split), workers=config.workers,
+                      on_corrupt="fail", device=str(device))
 
 
 def cache_folder(config: ProbeConfig, dataset: Dataset) -> Path:

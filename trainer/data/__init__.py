@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from trainer.dataset import Shard
+from trainer.infer import eval_resize
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class LoaderSpec:
 
     @property
     def eval_resize(self) -> int:
-        return self.resize_size or round(self.image_size / 0.875)
+        return self.resize_size or eval_resize(self.image_size)
 
 
 @dataclass

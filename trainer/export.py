@@ -1,0 +1,184 @@
+"""trainer export: checkpoint -> ONNX or TorchScript file + JSON sidecar, checked against PyTorch first.
+
+    checkpoint -> Classifier (float32) -> Exported (logits, probabilities) -> OUT.tmp
+        -> parity: the same normalised batches through PyTorch and the file (random ones with batch sizes
+           1 and 3, and every image of a split of DATA when given): top-1 equal, probabilities within 1e-4
+        -> OUT and OUT's .json sidecar (classes, preprocessing, checkpoint sha256, parity), else an error
+
+The exported graph takes float32 N x 3 x S x S already preprocessed (`Preprocessing.describe()` in the
+sidecar says how) and has a dynamic batch axis. ONNX uses torch's dynamo exporter (torch.export); the
+model is one file, weights inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.infer import Classifier
+
+SIDECAR_FORMAT = "trainer-export/1"
+TOLERANCE = 1e-4
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class Exported(nn.Module):
+    """The classifier as deployed: normalised images -> (logits, probabilities)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.module(images).float()
+        return logits, logits.softmax(1)
+
+
+def export(ckpt: str, out: Path, fmt: str, *, data: str = "", split: str = "test", batch_size: int = 32,
+           progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    classifier = Classifier.load(ckpt, "cpu")
+    module = Exported(classifier.logits).eval()
+    size = classifier.preprocessing.image_size
+    example = torch.randn(2, 3, size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp" + FORMATS[fmt])
+    (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
+    run = (onnx_runner if fmt == "onnx" else torchscript_runner)(tmp)
+    parity = check_parity(module, run, batches(classifier, data, split, batch_size, progress))
+    if parity["top1_equal"] != parity["images"] or parity["max_prob_diff"] > TOLERANCE:
+        tmp.unlink()
+        raise ConfigError(f"the exported model differs from the checkpoint: top-1 equal for {parity['top1_equal']} "
+                          f"of {parity['images']} images, max probability difference {parity['max_prob_diff']:.2e}")
+    os.replace(tmp, out)
+    sidecar = describe(classifier, out, fmt, parity | {"data": data, "split": split if data else ""})
+    sidecar_path(out).write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+    return sidecar | {"path": str(out), "sidecar": str(sidecar_path(out))}
+
+
+def sidecar_path(model: Path) -> Path:
+    return model.with_name(model.name + ".json")
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    chatter = io.StringIO()  # the exporter prints its steps; a failure is raised, not printed
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["input"],
+                          output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},), dynamo=True,
+                          external_data=False)
+
+
+def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        traced = torch.jit.trace(module, example)
+    traced.save(str(path))
+
+
+def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX Runtime on the CPU: normalised batch -> probabilities."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        probs = session.run(["probabilities"], {"input": np.ascontiguousarray(images.float().numpy())})[0]
+        return torch.from_numpy(probs)
+    return run
+
+
+def torchscript_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    loaded = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded(images.contiguous())[1]
+    return run
+
+
+def load_onnx(path: Path) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
+    """An exported ONNX file and its sidecar -> (sidecar, normalised batch -> logits) for Classifier."""
+    side = sidecar_path(path)
+    if not path.is_file() or not side.is_file():
+        raise ConfigError(f"{path}: needs the file and its sidecar {side.name} (written by trainer export)")
+    sidecar = json.loads(side.read_text(encoding="utf-8"))
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise ConfigError(f"{side} is not a trainer export sidecar")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(["logits"], {"input": np.ascontiguousarray(images.numpy())})[0])
+    return sidecar, logits
+
+
+def batches(classifier: Classifier, data: str, split: str, batch_size: int,
+            progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Normalised float batches to compare on: random ones (batch sizes 1 and 3), then DATA's split."""
+    size = classifier.preprocessing.image_size
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 3):
+        yield "random", torch.randn(n, 3, size, size, generator=generator)
+    if not data:
+        return
+    from trainer.data import LoaderSpec
+    from trainer.data.torch import TorchLoader
+    from trainer.dataset import open_dataset
+
+    pre = classifier.preprocessing
+    dataset = open_dataset(data)
+    spec = LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=batch_size, image_size=pre.image_size,
+                      resize_size=pre.resize_shorter, mean=pre.mean, std=pre.std, train=False, labelled=False,
+                      workers=1)
+    loader = TorchLoader(spec)
+    for index, raw in enumerate(loader.host_batches(0)):
+        yield split, pre.normalize(raw["images"])
+        if progress:
+            progress(index + 1, loader.num_batches)
+
+
+def check_parity(module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+                 inputs: Iterator[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per source of inputs (random, the split): images, top-1 equal, max probability difference."""
+    found: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        for source, batch in inputs:
+            expected, got = module(batch)[1], run(batch)
+            entry = found.setdefault(source, {"images": 0, "top1_equal": 0, "max_prob_diff": 0.0})
+            entry["images"] += len(batch)
+            entry["top1_equal"] += int((expected.argmax(1) == got.argmax(1)).sum())
+            entry["max_prob_diff"] = max(entry["max_prob_diff"], float((expected - got).abs().max()))
+    every = list(found.values())
+    return {"images": sum(e["images"] for e in every), "top1_equal": sum(e["top1_equal"] for e in every),
+            "max_prob_diff": max(e["max_prob_diff"] for e in every), "tolerance": TOLERANCE, "by_input": found}
+
+
+def describe(classifier: Classifier, out: Path, fmt: str, parity: dict[str, Any]) -> dict[str, Any]:
+    size = classifier.preprocessing.image_size
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    if fmt == "onnx":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return {"format": SIDECAR_FORMAT, "model_format": fmt, "file": out.name, "model": classifier.model_name,
+            "classes": classifier.classes, "class_entries": classifier.class_entries,
+            "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "outputs": {"logits": ["batch", len(classifier.classes)], "probabilities": ["batch", len(classifier.classes)]},
+            "preprocessing": classifier.preprocessing.describe(), "checkpoint_sha256": classifier.sha256,
+            "parity": parity, "versions": versions}
