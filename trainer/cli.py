@@ -318,6 +318,30 @@ class BatchProgress:
 
 
 @main.command(cls=Command)
+@click.argument("model", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-batch", default=16, show_default=True, help="Requests answered by one forward pass at most.")
+@click.option("--max-wait-ms", default=5.0, show_default=True,
+              help="How long the first request of a batch waits for others.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Bigger uploads get 413.")
+@click.option("--device", default="auto", show_default=True, help=HELP["device"])
+def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, max_upload_mb: float,
+          device: str) -> None:
+    """Serve MODEL (a checkpoint, or an ONNX file from trainer export) over HTTP: the upload page at /,
+    POST /predict (multipart file or raw bytes, ?k=5), GET /health and /info."""
+    import uvicorn
+
+    from trainer.infer import Classifier
+    from trainer.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_bytes=int(max_upload_mb * 1e6))
+    app = create_app(Classifier.load(model, device), config)
+    err.print(f"serving {model} at http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command(cls=Command)
 @click.argument("data")
 @click.option("--model", default="efficientnet_lite0", show_default=True, help=HELP["model"])
 @click.option("--weights", default="imagenet", show_default=True, help=HELP["weights"])
