@@ -42,3 +42,22 @@ def run_cli(*args: str | os.PathLike[str]) -> Result:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory: pytest.TempPathFactory):
+    """A probe checkpoint on generated shapes (tests/models.py)."""
+    from tests.models import shapes_checkpoint
+
+    return shapes_checkpoint(tmp_path_factory.mktemp("shapes-model"))
+
+
+@pytest.fixture(scope="session")
+def clothing_model(tmp_path_factory: pytest.TempPathFactory):
+    """A probe checkpoint on 12 images per class of clothing-small (skipped without the real data)."""
+    from tests.models import clothing_checkpoint
+
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
+    return clothing_checkpoint(root, tmp_path_factory.mktemp("clothing-model"))

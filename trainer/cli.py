@@ -176,13 +176,15 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.option("--workers", default=2, show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", default="auto", show_default=True)
+@click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
+                                     "predict on files, export and serve give (float32).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, num_samples, ...).")
-def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, loader: str, device: str,
+def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, loader: str, device: str, amp: str,
              as_json: bool) -> None:
     """Evaluate checkpoint CKPT on a split of DATA: loss, top-1, top-5, accuracy per category level."""
     from trainer.predict import evaluate_checkpoint, load_predictor
 
-    predictor = load_predictor(ckpt, data, device)
+    predictor = load_predictor(ckpt, data, device, amp)
     result, _ = evaluate_checkpoint(predictor, split, batch_size=batch_size, workers=workers, loader=loader)
     if as_json:
         click.echo(json.dumps(result | {"split": split}))
@@ -207,8 +209,10 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
 @click.option("--workers", default=2, show_default=True, help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", default="auto", show_default=True)
+@click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
+                                     "predict on files, export and serve give (float32).")
 def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: bool, k: int, as_json: bool,
-            batch_size: int, workers: int, loader: str, device: str) -> None:
+            batch_size: int, workers: int, loader: str, device: str, amp: str) -> None:
     """Predict with CKPT on a split of shards (DATA) or on image files, folders and globs.
 
     \b
@@ -223,7 +227,7 @@ def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: boo
     if len(inputs) == 1 and is_shards(inputs[0]):
         from trainer.predict import load_predictor, predict_csv
 
-        predictor = load_predictor(ckpt, inputs[0], device)
+        predictor = load_predictor(ckpt, inputs[0], device, amp)
         target = Path(out or "preds.csv")
         rows = predict_csv(predictor, split, target, group=group, batch_size=batch_size, workers=workers,
                            loader=loader)

@@ -66,9 +66,10 @@ class Predictor:
     dataset: Dataset
     checkpoint: dict[str, Any]
     device: torch.device
+    amp: str  # the checkpoint's amp unless overridden: bf16 is ~4x faster on a CPU, none matches files exactly
 
 
-def load_predictor(ckpt: str, data: str, device: str = "auto") -> Predictor:
+def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "") -> Predictor:
     checkpoint = load_checkpoint(ckpt)
     dataset = open_dataset(data)
     if dataset.classes:
@@ -78,7 +79,7 @@ def load_predictor(ckpt: str, data: str, device: str = "auto") -> Predictor:
     model.module.load_state_dict(checkpoint["model"])
     target = resolve_device(device)
     model.module.to(target).to(memory_format=torch.channels_last).eval()
-    return Predictor(model.module, dataset, checkpoint, target)
+    return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"])
 
 
 def eval_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
@@ -94,7 +95,7 @@ def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, worke
     spec = eval_spec(p, split, batch_size, workers)
     batches = make_loader(spec, loader)
     meter = new_meter_for(p.dataset, p.device)
-    amp = make_amp(p.checkpoint["config"]["amp"], p.device)
+    amp = make_amp(p.amp, p.device)
     result = evaluate(p.model, batches.epoch(0), meter, amp=amp, num_batches=batches.num_batches,
                       on_corrupt=spec.on_corrupt)
     return result, meter
@@ -135,7 +136,7 @@ def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size:
     batches = make_loader(spec, loader)
     entries = p.checkpoint["class_entries"]
     names = [str(e.get("category_id", e["name"])) for e in entries]
-    amp = make_amp(p.checkpoint["config"]["amp"], p.device)
+    amp = make_amp(p.amp, p.device)
     bson = p.dataset.manifest["source"].get("format") == "bson"
     rows = 0
     tmp = out.with_name(out.name + ".tmp")
