@@ -93,3 +93,67 @@ def test_csv_rows_pointing_at_a_fifo_or_a_device_are_counted_skips(tmp_path, cli
     details = {r["source"]: r["detail"] for r in read_rejects(tmp_path / "out")}
     assert details == {"list.csv:6": "a FIFO (named pipe): only regular files are read",
                        "list.csv:7": "a character device: only regular files are read"}
+
+
+# --- 2. symlinked folders: never back into the tree, each outside folder once ---------------------------
+
+
+def test_symlinks_back_into_the_tree_are_not_followed_and_are_reported(tmp_path, cli):
+    source = class_folders(tmp_path / "src", {"cat": 3, "dog": 3})
+    class_folders(tmp_path / "outside", {"bird": 2}, seed=10)
+    (source / "all").symlink_to(source)  # the tree itself
+    (source / "up").symlink_to(tmp_path)  # an ancestor
+    (source / "bird").symlink_to(tmp_path / "outside" / "bird")  # elsewhere: followed, once
+    (source / "bird_again").symlink_to(tmp_path / "outside" / "bird")
+    (source / "cat" / "dogs").symlink_to(source / "dog")  # a folder inside the tree
+    (tmp_path / "outside" / "bird" / "loop").symlink_to(tmp_path / "outside")  # around a folder already read
+    manifest = pack_all(cli, source, tmp_path / "out")
+    assert class_names(manifest) == ["bird", "cat", "dog"]
+    assert_accounted(manifest, seen=8, written=8)
+    assert manifest["report"]["ignored"]["count"] == 5
+    assert ignored_of(manifest) == {
+        "all": "symlink back to SOURCE or around it, not followed",
+        "up": "symlink back to SOURCE or around it, not followed",
+        "bird_again": "symlink to a folder already read, not followed",
+        "bird/loop": "symlink to a folder already read, not followed",
+        "cat/dogs": "symlink into SOURCE, not followed",
+    }
+    sources = sorted(json.loads(s["json"])["source"] for s in read_shards(tmp_path / "out").values())
+    assert sources == ["bird/0.jpg", "bird/1.jpg"] + [f"{c}/{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+
+
+def test_a_loop_beside_given_splits_keeps_the_splits(tmp_path, cli):
+    source = tmp_path / "src"
+    class_folders(source / "train", {"cat": 2, "dog": 2})
+    class_folders(source / "val", {"cat": 1, "dog": 1}, seed=10)
+    (source / "everything").symlink_to(source)
+    manifest = pack_all(cli, source, tmp_path / "out")
+    assert sorted(manifest["splits"]) == ["train", "val"]
+    assert class_names(manifest) == ["cat", "dog"]
+    assert_accounted(manifest, seen=6, written=6)
+    assert ignored_of(manifest) == {"everything": "symlink back to SOURCE or around it, not followed"}
+
+
+# --- 6. a folder named like an image ------------------------------------------------------------------------
+
+
+def test_a_folder_named_like_an_image_is_reported(tmp_path, cli):
+    source = class_folders(tmp_path / "src", {"cat": 2, "dog": 2})
+    (source / "cat" / "x.jpg").mkdir()
+    (source / "dog" / "y.png").mkdir()
+    (source / "dog" / "y.png" / "inner.jpg").write_bytes(jpeg_bytes(20))  # a folder's files are read, as any
+    manifest = pack_all(cli, source, tmp_path / "out")
+    assert ignored_of(manifest) == {"cat/x.jpg": "folder named like an image", "dog/y.png": "folder named like an image"}
+    assert_accounted(manifest, seen=5, written=5)
+    assert class_names(manifest) == ["cat", "dog"]
+
+
+def test_the_pack_report_names_each_ignored_entry_with_its_reason(tmp_path, cli):
+    source = class_folders(tmp_path / "src", {"cat": 2})
+    (source / "cat" / "x.jpg").mkdir()
+    (source / "cat" / ".cache").mkdir()  # a hidden folder inside a class folder is reported too
+    (source / "README.md").write_text("hi\n")
+    result = cli("pack", source, tmp_path / "out", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert ("ignored 3 entries that are not samples (folder named like an image: cat/x.jpg; hidden: cat/.cache; "
+            "not in a class folder: README.md)") in " ".join(result.stdout.split())
