@@ -134,6 +134,23 @@ def test_a_loop_beside_given_splits_keeps_the_splits(tmp_path, cli):
     assert ignored_of(manifest) == {"everything": "symlink back to SOURCE or around it, not followed"}
 
 
+# --- 3. a bare CR that ends a row ends it: rows are counted as the user counts lines -----------------
+
+
+def test_a_bare_cr_ending_a_row_does_not_merge_two_rows(tmp_path, cli):
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    text = "path,label\nimgs/0.jpg,a\nimgs/1.jpg,a\nimgs/2.jpg,b\rimgs/3.jpg,b\nimgs/4.jpg,c\nimgs/5.jpg,c\n"
+    (tmp_path / "list.csv").write_bytes(text.encode())
+    manifest = pack_all(cli, tmp_path / "list.csv", tmp_path / "out")
+    assert_accounted(manifest, seen=6, written=6)
+    assert class_names(manifest) == ["a", "b", "c"]
+    lines = {json.loads(s["json"])["path"]: json.loads(s["json"])["source"]
+             for s in read_shards(tmp_path / "out").values()}
+    assert lines == {f"imgs/{i}.jpg": f"list.csv:{i + 2}" for i in range(6)}  # as the user counts lines
+
+
 # --- 6. a folder named like an image ------------------------------------------------------------------------
 
 
