@@ -151,6 +151,45 @@ def test_a_bare_cr_ending_a_row_does_not_merge_two_rows(tmp_path, cli):
     assert lines == {f"imgs/{i}.jpg": f"list.csv:{i + 2}" for i in range(6)}  # as the user counts lines
 
 
+# --- 5. labels that are not labels: control characters, a BSON category_id that is not an integer ------
+
+
+def test_control_characters_in_labels_and_paths_are_counted_skips(tmp_path, cli):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    rows = ["imgs/0.jpg,a", "imgs/1.jpg,a", "imgs/2.jpg,b",
+            "imgs/3.jpg,d\re",  # a bare CR inside the label: the row has its two fields, the label a line break
+            "imgs/4.jpg,x\x00y",  # a NUL
+            "imgs/5.jpg,tab\there",
+            '"imgs/6\n.jpg",a']  # a quoted line break in the path
+    (tmp_path / "list.csv").write_bytes(("path,label\n" + "\n".join(rows) + "\n").encode())
+    manifest = pack_all(cli, tmp_path / "list.csv", tmp_path / "out")
+    assert counts_of(manifest) == {"bad_label": 3, "bad_image_ref": 1}
+    assert_accounted(manifest, seen=7, written=3)
+    assert class_names(manifest) == ["a", "b"]
+    details = {r["source"]: r["detail"] for r in read_rejects(tmp_path / "out")}
+    assert details == {"list.csv:5": "'label' holds a control character: 'd\\ne'",
+                       "list.csv:6": "'label' holds a control character: 'x\\x00y'",
+                       "list.csv:7": "'label' holds a control character: 'tab\\there'",
+                       "list.csv:8": "'path' holds a control character: 'imgs/6\\n.jpg'"}
+
+
+def test_control_characters_in_pixel_csv_labels_and_folder_names_are_counted_skips(tmp_path, cli):
+    rows = [",".join(["7" if i else "0"] + ["12"] * 784) for i in range(3)] + [",".join(["a\x01"] + ["12"] * 784)]
+    (tmp_path / "px.csv").write_text("label," + ",".join(f"pixel{i}" for i in range(784)) + "\n" + "\n".join(rows))
+    manifest = pack_all(cli, tmp_path / "px.csv", tmp_path / "out")
+    assert counts_of(manifest) == {"bad_label": 1}
+    assert_accounted(manifest, seen=4, written=3)
+    assert class_names(manifest) == ["0", "7"]
+
+    source = class_folders(tmp_path / "src", {"cat": 2, "new\nline": 2})
+    manifest = pack_all(cli, source, tmp_path / "out2")
+    assert counts_of(manifest) == {"bad_label": 2}
+    assert_accounted(manifest, seen=4, written=2)
+    assert class_names(manifest) == ["cat"]
+
+
 # --- 6. a folder named like an image ------------------------------------------------------------------------
 
 

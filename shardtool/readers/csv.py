@@ -13,7 +13,7 @@ from typing import Any
 
 from shardtool.config import CsvOptions
 from shardtool.errors import ConfigError
-from shardtool.readers.common import make_key
+from shardtool.readers.common import has_control, make_key
 from shardtool.readers.table import need_column, read_rows
 from shardtool.sample import Item, Sample, Skip
 
@@ -32,6 +32,10 @@ def cut_path(label: str, level: int | None) -> str:
     """'Home & Garden / Dining / Cups' cut to `level` parts ('Home & Garden' at level 1)."""
     parts = [part.strip() for part in label.split("/")]
     return " / ".join(parts[:level] if level else parts)
+
+
+def _control(column: str, value: str) -> str:
+    return f"{column!r} holds a control character: {value!r}"
 
 
 def _unnamed(column: str) -> bool:
@@ -96,10 +100,14 @@ class CsvReader:
         split = row.get(self.options.split_col, "").strip() or None if self.options.split_col else None
         if not image:
             return Skip("missing_image_ref", make_key(where), where, f"empty {self.image_col!r}", group, split)
+        if has_control(image):
+            return Skip("bad_image_ref", make_key(where), where, _control(self.image_col, image), group, split)
         key = make_key(image)
         label = row.get(self.label_col, "").strip()
         if not label:
             return Skip("missing_label", key, where, f"empty {self.label_col!r}", group, split)
+        if has_control(label):
+            return Skip("bad_label", key, where, _control(self.label_col, label), group, split)
         if key in seen:
             return Skip("duplicate_key", key, where, f"{image!r} appears earlier in the CSV", group, split)
         seen.add(key)

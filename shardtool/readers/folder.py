@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from shardtool.readers.common import IMAGE_EXTS, make_key, shown
+from shardtool.readers.common import IMAGE_EXTS, has_control, make_key, shown
 from shardtool.sample import Item, Sample, Skip
 
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
@@ -98,6 +98,10 @@ class FolderReader:
         for split, label, path in self._files:
             rel = shown(path.relative_to(self.root))
             key = make_key(rel)
+            if has_control(label):
+                yield Skip("bad_label", key, rel, f"the class folder's name holds a control character: {label!r}",
+                           group=rel, split=split)
+                continue
             if path.suffix.lower() not in IMAGE_EXTS:
                 yield Skip("unknown_extension", key, rel, f"{path.suffix or 'no extension'} is not an image type",
                            group=rel, split=split)

@@ -15,6 +15,7 @@ import numpy as np
 
 from shardtool.config import CsvOptions
 from shardtool.errors import ConfigError
+from shardtool.readers.common import has_control
 from shardtool.readers.table import need_column, read_rows
 from shardtool.sample import Item, Sample, Skip
 
@@ -76,6 +77,8 @@ class PixelReader:
         label = fields[self.label_index].strip()
         if not label:
             return Skip("missing_label", key, where, "empty label", key)
+        if has_control(label):
+            return Skip("bad_label", key, where, f"the label holds a control character: {label!r}", key)
         values = fields[: self.label_index] + fields[self.label_index + 1 :]
         try:
             pixels = np.array([int(v) for v in values], dtype=np.int64)
