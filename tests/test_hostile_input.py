@@ -151,6 +151,32 @@ def test_a_bare_cr_ending_a_row_does_not_merge_two_rows(tmp_path, cli):
     assert lines == {f"imgs/{i}.jpg": f"list.csv:{i + 2}" for i in range(6)}  # as the user counts lines
 
 
+# --- 4. duplicate column names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest_header, joined_header, where", [
+    ("path,label,label", None, "list.csv"),
+    ("path,pid,note", "id,label,label", "products.csv"),
+])
+def test_duplicate_column_names_are_one_clear_error(tmp_path, cli, manifest_header, joined_header, where):
+    (tmp_path / "0.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "list.csv").write_text(f"{manifest_header}\n0.jpg,a,b\n")
+    extra: list[str] = []
+    if joined_header:
+        (tmp_path / "products.csv").write_text(f"{joined_header}\na,x,y\n")
+        extra = ["--join", str(tmp_path / "products.csv"), "--join-on", "pid=id"]
+    result = cli("pack", tmp_path / "list.csv", tmp_path / "out", "--workers", "0", *extra)
+    assert_config_error(result, f"{where} has 2 columns named 'label': rename all but one")
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_duplicate_pixel_columns_are_one_clear_error(tmp_path, cli):
+    header = "label,label," + ",".join(f"pixel{i}" for i in range(783))
+    (tmp_path / "px.csv").write_text(header + "\n" + ",".join(["1"] * 785) + "\n")
+    result = cli("pack", tmp_path / "px.csv", tmp_path / "out", "--workers", "0")
+    assert_config_error(result, "px.csv has 2 columns named 'label': rename all but one")
+
+
 # --- 5. labels that are not labels: control characters, a BSON category_id that is not an integer ------
 
 

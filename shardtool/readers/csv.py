@@ -14,7 +14,7 @@ from typing import Any
 from shardtool.config import CsvOptions
 from shardtool.errors import ConfigError
 from shardtool.readers.common import has_control, make_key
-from shardtool.readers.table import need_column, read_rows
+from shardtool.readers.table import need_column, read_rows, unique_columns
 from shardtool.sample import Item, Sample, Skip
 
 IMAGE_COLS = ("image", "image_path", "path", "file", "filename", "filepath", "image_id")
@@ -53,12 +53,14 @@ class CsvReader:
     def __init__(self, source: str, options: CsvOptions) -> None:
         self.source, self.options = Path(source), options
         self.header, _ = read_rows(self.source, options.encoding)
+        unique_columns(self.header, self.source)
         self.joined: dict[str, dict[str, str]] = {}
         join_header: list[str] = []
         if options.join and options.join_on:
             left, right = options.join_on
             need_column(left, self.header, "--join-on", self.source)
             join_header, rows = read_rows(options.join, options.encoding)
+            unique_columns(join_header, options.join)
             on = need_column(right, join_header, "--join-on", options.join)
             self.joined = {fields[on]: dict(zip(join_header, fields)) for _, fields in rows if len(fields) > on}
         self.columns = self.header + [c for c in join_header if c not in self.header]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,12 @@ def need_column(name: str, header: list[str], what: str, source: Path | str) -> 
         return header.index(name)
     existing = ", ".join(repr(h) for h in header if h)
     raise ConfigError(f"{what} {name!r} is not a column of {Path(source).name}; its columns are {existing}")
+
+
+def unique_columns(header: list[str], source: Path | str) -> None:
+    """A ConfigError naming a column name that appears more than once: columns are picked by name, and
+    a second `label` would silently win over the first. Empty names (unnamed index columns) may repeat."""
+    for name, count in Counter(name for name in header if name).items():
+        if count > 1:
+            raise ConfigError(f"{Path(source).name} has {count} columns named {name!r}: rename all but one "
+                              "(columns are picked by name)")
