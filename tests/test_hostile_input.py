@@ -216,6 +216,22 @@ def test_control_characters_in_pixel_csv_labels_and_folder_names_are_counted_ski
     assert class_names(manifest) == ["cat"]
 
 
+def test_bson_category_ids_that_are_not_integers_are_counted_skips(tmp_path, cli):
+    picture = jpeg_bytes(1, (32, 32))
+    docs = [(1, 10), (2, "abc"), (3, 11), (4, 5.5), (5, "12"), (6, 13.0), (7, None)]
+    dump = b"".join(bson.encode({"_id": i, "imgs": [{"picture": picture}]} |
+                                ({"category_id": c} if c is not None else {})) for i, c in docs)
+    (tmp_path / "train.bson").write_bytes(dump)
+    manifest = pack_all(cli, tmp_path / "train.bson", tmp_path / "out")
+    assert counts_of(manifest) == {"bad_label": 2, "missing_label": 1}
+    assert class_names(manifest) == ["10", "11", "12", "13"]
+    assert_accounted(manifest, seen=7, written=4)
+    details = {r["source"]: r["detail"] for r in read_rejects(tmp_path / "out")}
+    assert details["train.bson@" + str(len(bson.encode({"_id": 1, "imgs": [{"picture": picture}],
+                                                        "category_id": 10})))] == "category_id 'abc' is not an integer"
+    assert "category_id 5.5 is not an integer" in details.values()
+
+
 # --- 6. a folder named like an image ------------------------------------------------------------------------
 
 
