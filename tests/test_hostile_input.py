@@ -255,3 +255,21 @@ def test_the_pack_report_names_each_ignored_entry_with_its_reason(tmp_path, cli)
     assert result.exit_code == 0, result.output
     assert ("ignored 3 entries that are not samples (folder named like an image: cat/x.jpg; hidden: cat/.cache; "
             "not in a class folder: README.md)") in " ".join(result.stdout.split())
+
+
+# --- 7. a pickle that is not a checkpoint -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    pickle.dumps({"model": fractions.Fraction(1, 3)}, protocol=4),  # an arbitrary object (and torch warns on protocol 4)
+    pickle.dumps(fractions.Fraction(1, 3), protocol=2),
+    b"hello, I am not a checkpoint\n",
+], ids=["object-protocol-4", "object-protocol-2", "text"])
+def test_evaluate_refuses_an_arbitrary_pickle_plainly(tmp_path, content):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "trainer", "evaluate", str(ckpt), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: {ckpt} is not a trainer checkpoint, or not one this version can load safely; "
+                           "it was not loaded\n")  # no advice to pass weights_only=False, no torch warning
