@@ -241,7 +241,8 @@ def test_a_folder_named_like_an_image_is_reported(tmp_path, cli):
     (source / "dog" / "y.png").mkdir()
     (source / "dog" / "y.png" / "inner.jpg").write_bytes(jpeg_bytes(20))  # a folder's files are read, as any
     manifest = pack_all(cli, source, tmp_path / "out")
-    assert ignored_of(manifest) == {"cat/x.jpg": "folder named like an image", "dog/y.png": "folder named like an image"}
+    assert ignored_of(manifest) == {"cat/x.jpg": "folder named like an image",
+                                    "dog/y.png": "folder named like an image"}
     assert_accounted(manifest, seen=5, written=5)
     assert class_names(manifest) == ["cat", "dog"]
 
@@ -261,7 +262,7 @@ def test_the_pack_report_names_each_ignored_entry_with_its_reason(tmp_path, cli)
 
 
 @pytest.mark.parametrize("content", [
-    pickle.dumps({"model": fractions.Fraction(1, 3)}, protocol=4),  # an arbitrary object (and torch warns on protocol 4)
+    pickle.dumps({"model": fractions.Fraction(1, 3)}, protocol=4),  # an arbitrary object; torch warns on protocol 4
     pickle.dumps(fractions.Fraction(1, 3), protocol=2),
     b"hello, I am not a checkpoint\n",
 ], ids=["object-protocol-4", "object-protocol-2", "text"])
