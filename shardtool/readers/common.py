@@ -8,7 +8,7 @@ import re
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, and Unicode's line/paragraph separators
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, and Unicode's line/paragraph separators
 MAX_KEY = 80  # keeps tar member names under ustar's 100-byte limit
 
 

@@ -44,10 +44,10 @@ class FolderReader:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.name.startswith("."):
                 self._ignore(Path(entry.path), "hidden")
-            elif entry.is_dir():
-                dirs += [Path(entry.path)] if self._follows(entry) else []
-            else:
+            elif not entry.is_dir():
                 self._ignore(Path(entry.path), "not in a class folder")
+            elif self._follows(entry):
+                dirs.append(Path(entry.path))
         return dirs
 
     def _files_under(self, folder: Path) -> Iterator[Path]:
