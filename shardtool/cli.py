@@ -210,15 +210,21 @@ def _skips_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _ignored_line(ignored: dict[str, Any]) -> str:
+    paths: dict[str, list[str]] = {}
+    for entry in ignored["examples"]:
+        paths.setdefault(entry["reason"], []).append(entry["path"])
+    reasons = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(paths.items()))
+    return f"ignored {ignored['count']} entries that are not samples ({reasons})"
+
+
 def render_pack(manifest: dict[str, Any], out: str) -> None:
     report = manifest["report"]
     console.print(_splits_table(manifest))
     if report["skips"]:
         console.print(_skips_table(report))
     if report["ignored"]["count"]:
-        names = ", ".join(e["path"] for e in report["ignored"]["examples"])
-        console.print(f"ignored {report['ignored']['count']} files that are not samples "
-                      f"(outside class folders, or hidden): {names}", markup=False)
+        console.print(_ignored_line(report["ignored"]), markup=False)
     norm = manifest["normalization"]
     classes = f"{len(manifest['classes'])} classes" if manifest["classes"] else "no labels"
     stats = f"mean {norm['mean']} std {norm['std']}" if "mean" in norm else "no pixel statistics (--verify header)"

@@ -130,9 +130,21 @@ def build_manifest(records: Iterable[dict[str, Any]], classes: list[dict[str, An
         "normalization": {"from": norm_from, **(_channel_stats([totals[s] for s in norm_from]) or {})},
         "report": {"seen": written + skipped, "written": written, "skipped": skipped,
                    "skips": dict(sorted(report.items())),
-                   "ignored": {"count": len(ignored), "examples": ignored[:EXAMPLES_PER_REASON]}},
+                   "ignored": ignored_report(ignored)},
         "options": options,
     }
+
+
+def ignored_report(ignored: list[dict[str, str]]) -> dict[str, Any]:
+    """The count and up to EXAMPLES_PER_REASON entries of each reason: a symlink that was not followed is
+    named even beside a thousand hidden files."""
+    shown: Counter[str] = Counter()
+    examples = []
+    for entry in ignored:
+        shown[entry["reason"]] += 1
+        if shown[entry["reason"]] <= EXAMPLES_PER_REASON:
+            examples.append(entry)
+    return {"count": len(ignored), "examples": examples}
 
 
 def _merge(report: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:

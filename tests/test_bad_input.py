@@ -106,7 +106,7 @@ def test_every_bad_input_is_counted_by_reason(dirty, tmp_path, cli):
     result = pack_dirty(cli, dirty, out, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "skipped 7 of 13 inputs" in result.stdout
-    assert "ignored 3 files" in result.stdout and "README.md" in result.stdout
+    assert "ignored 3 entries" in result.stdout and "README.md" in result.stdout
     report = json.loads((out / "dataset.json").read_text())["report"]
     counts = {reason: entry["count"] for reason, entry in report["skips"].items()}
     assert counts == {"corrupt_image": 2, "empty_file": 1, "not_an_image": 1, "too_many_pixels": 2,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from trainer.errors import ConfigError
 
 FORMAT = "trainer-checkpoint/1"
+REFUSED = "is not a trainer checkpoint, or not one this version can load safely; it was not loaded"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -35,8 +38,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # what torch raises on junk
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise about a file we refuse
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, KeyError, struct.error):  # not plain tensors and values, or not a pickle
+        raise ConfigError(f"{path} {REFUSED}") from None  # not torch's text: it advises weights_only=False
+    except (RuntimeError, EOFError, ValueError) as error:  # a damaged archive: torch says what is wrong
         raise ConfigError(f"{path} is not a trainer checkpoint: {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a trainer checkpoint (made by another tool or version)")

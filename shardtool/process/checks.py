@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 
 from PIL import Image, UnidentifiedImageError
 
 from shardtool.sample import Sample, Skip
 
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
 
 def load_bytes(sample: Sample) -> bytes | Skip:
     """The sample's encoded bytes, reading its file if the reader gave a path."""
-    if sample.data is not None:
-        data = sample.data
-    else:
-        try:
-            with open(sample.path or "", "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            return _skip(sample, "missing_file", f"{sample.path} does not exist")
-        except OSError as error:
-            return _skip(sample, "unreadable_file", f"{error.strerror}: {sample.path}")
+    data = sample.data if sample.data is not None else read_file(sample)
+    if isinstance(data, Skip):
+        return data
     if not data:
         return _skip(sample, "empty_file", "0 bytes")
     return data
+
+
+def read_file(sample: Sample) -> bytes | Skip:
+    """The bytes of the sample's file if it is a regular file. It is stat'ed before it is opened: opening a
+    FIFO waits for a writer that never comes and a device may never end; those are skips, not reads."""
+    path = sample.path or ""
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            return _not_regular(sample, mode)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # swapped since the stat: no wait
+            if not stat.S_ISREG(mode := os.fstat(file.fileno()).st_mode):
+                return _not_regular(sample, mode)
+            return file.read()
+    except FileNotFoundError:
+        return _skip(sample, "missing_file", f"{sample.path} does not exist")
+    except OSError as error:
+        return _skip(sample, "unreadable_file", f"{error.strerror}: {sample.path}")
+
+
+def _not_regular(sample: Sample, mode: int) -> Skip:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return _skip(sample, "not_a_regular_file", f"{kind}: only regular files are read")
 
 
 def open_image(sample: Sample, data: bytes, max_pixels: int) -> Image.Image | Skip:

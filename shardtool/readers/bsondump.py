@@ -34,6 +34,7 @@ _ID_FIELD = b"_id\x00"
 PEEK_DOCUMENTS = 100  # documents read to decide whether a dump is labelled
 RELEASE_BYTES = 16 << 20
 PARTITION_DOCUMENTS = 256
+_INTEGER = re.compile(r"-?\d+")
 
 
 class Document(NamedTuple):
@@ -224,8 +225,17 @@ class BsonReader:
         return Skip("corrupt_document", f"offset_{start}", where, detail), found
 
     def _label(self, fields: dict[str, Any]) -> str | None:
-        label = as_text(fields.get(self.label_field))
-        return label.strip() if label is not None and isinstance(fields[self.label_field], str) else label
+        """The category id as text; None when it is missing, empty or not an integer (see _no_label)."""
+        value = fields.get(self.label_field)
+        label = as_text(value)
+        label = label.strip() if isinstance(value, str) else label
+        return label if label and _INTEGER.fullmatch(label) else None
+
+    def _no_label(self, fields: dict[str, Any], key: str, where: str, product: str) -> Skip:
+        value = fields.get(self.label_field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return Skip("missing_label", key, where, f"no {self.label_field}", product)
+        return Skip("bad_label", key, where, f"{self.label_field} {repr(value)[:60]} is not an integer", product)
 
     def _document(self, document: Document, splitter: Callable[[str, str], str] | None = None) -> Iterator[Item]:
         fields, where = document.fields, f"{self.path.name}@{document.start}"
@@ -242,8 +252,8 @@ class BsonReader:
         if not imgs:
             yield Skip("no_images", key, where, "imgs is empty", product)
             return
-        if not label and self.labelled:
-            yield Skip("missing_label", key, where, f"no {self.label_field}", product)
+        if label is None and self.labelled:
+            yield self._no_label(fields, key, where, product)
             return
         label, split = (None, "unlabelled") if self.labelled is False else (label, None)
         if splitter and split is None:

@@ -8,6 +8,7 @@ import re
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, and Unicode's line/paragraph separators
 MAX_KEY = 80  # keeps tar member names under ustar's 100-byte limit
 
 
@@ -21,6 +22,12 @@ def make_key(text: str) -> str:
         return text
     digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
     return f"{_UNSAFE.sub('_', text).strip('_')[: MAX_KEY - 9]}_{digest}"
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a line break, NUL or other control character: never part of a label or a path
+    a user typed, so such a text is a skip (`bad_label`, `bad_image_ref`) and never becomes a class."""
+    return _CONTROL.search(text) is not None
 
 
 def shown(path: str | os.PathLike[str]) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 
 from shardtool.config import CsvOptions
 from shardtool.errors import ConfigError
-from shardtool.readers.common import make_key
-from shardtool.readers.table import need_column, read_rows
+from shardtool.readers.common import has_control, make_key
+from shardtool.readers.table import need_column, read_rows, unique_columns
 from shardtool.sample import Item, Sample, Skip
 
 IMAGE_COLS = ("image", "image_path", "path", "file", "filename", "filepath", "image_id")
@@ -34,6 +34,10 @@ def cut_path(label: str, level: int | None) -> str:
     return " / ".join(parts[:level] if level else parts)
 
 
+def _control(column: str, value: str) -> str:
+    return f"{column!r} holds a control character: {value!r}"
+
+
 def _unnamed(column: str) -> bool:
     return not column or column.startswith("Unnamed:")
 
@@ -49,12 +53,14 @@ class CsvReader:
     def __init__(self, source: str, options: CsvOptions) -> None:
         self.source, self.options = Path(source), options
         self.header, _ = read_rows(self.source, options.encoding)
+        unique_columns(self.header, self.source)
         self.joined: dict[str, dict[str, str]] = {}
         join_header: list[str] = []
         if options.join and options.join_on:
             left, right = options.join_on
             need_column(left, self.header, "--join-on", self.source)
             join_header, rows = read_rows(options.join, options.encoding)
+            unique_columns(join_header, options.join)
             on = need_column(right, join_header, "--join-on", options.join)
             self.joined = {fields[on]: dict(zip(join_header, fields)) for _, fields in rows if len(fields) > on}
         self.columns = self.header + [c for c in join_header if c not in self.header]
@@ -96,10 +102,14 @@ class CsvReader:
         split = row.get(self.options.split_col, "").strip() or None if self.options.split_col else None
         if not image:
             return Skip("missing_image_ref", make_key(where), where, f"empty {self.image_col!r}", group, split)
+        if has_control(image):
+            return Skip("bad_image_ref", make_key(where), where, _control(self.image_col, image), group, split)
         key = make_key(image)
         label = row.get(self.label_col, "").strip()
         if not label:
             return Skip("missing_label", key, where, f"empty {self.label_col!r}", group, split)
+        if has_control(label):
+            return Skip("bad_label", key, where, _control(self.label_col, label), group, split)
         if key in seen:
             return Skip("duplicate_key", key, where, f"{image!r} appears earlier in the CSV", group, split)
         seen.add(key)

@@ -15,7 +15,8 @@ import numpy as np
 
 from shardtool.config import CsvOptions
 from shardtool.errors import ConfigError
-from shardtool.readers.table import need_column, read_rows
+from shardtool.readers.common import has_control
+from shardtool.readers.table import need_column, read_rows, unique_columns
 from shardtool.sample import Item, Sample, Skip
 
 _PIXEL_COL = re.compile(r"(pixel|px|p)_?\d+", re.IGNORECASE)
@@ -52,6 +53,7 @@ class PixelReader:
         header, _ = read_rows(self.source, options.encoding)
         self.has_header = not all(h.isdigit() for h in header)
         if self.has_header:
+            unique_columns(header, self.source)
             self.label_index = need_column(options.label_col or "label", header, "--label-col", self.source)
         else:
             self.label_index = 0
@@ -76,6 +78,8 @@ class PixelReader:
         label = fields[self.label_index].strip()
         if not label:
             return Skip("missing_label", key, where, "empty label", key)
+        if has_control(label):
+            return Skip("bad_label", key, where, f"the label holds a control character: {label!r}", key)
         values = fields[: self.label_index] + fields[self.label_index + 1 :]
         try:
             pixels = np.array([int(v) for v in values], dtype=np.int64)

@@ -4,11 +4,18 @@ Python's csv module ends a record at a bare carriage return, and real exports (F
 Products.csv) hold thousands of bare CRs inside unquoted fields. Only "\\n" ends a record here: we
 split physical lines on "\\n" ourselves, drop the CR of a CRLF ending, hide any other CR from the
 csv module behind a private-use character and put it back as a line break inside the field.
+
+One exception, so that rows are counted as the user counts lines: a record with more fields than the
+header whose unquoted bare CRs cut it into rows of exactly the header's width was rows ended by CRs
+(`a.jpg,cat\\rb.jpg,dog`), and is read as those rows. Row numbers count those CRs as line ends, and
+a row's number is the line it starts on.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +42,8 @@ def _lines(path: Path, encoding: str) -> Iterator[str]:
 def read_rows(path: str | Path, encoding: str = "utf-8-sig") -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header and an iterator of (line number, fields) for each data row."""
     path = Path(path)
-    reader = csv.reader(_lines(path, encoding))
+    record: list[str] = []  # the lines of the record the csv module is reading
+    reader = csv.reader(_kept(_lines(path, encoding), record))
     try:
         header = [name.replace(_CR, "").strip() for name in next(reader)]
     except StopIteration:
@@ -44,17 +52,38 @@ def read_rows(path: str | Path, encoding: str = "utf-8-sig") -> tuple[list[str],
         raise ConfigError(f"{path.name} header is not valid CSV: {error}") from None
 
     def rows() -> Iterator[tuple[int, list[str]]]:
+        cr_ends = 0  # bare CRs that ended a row so far: lines the user counts and "\\n" does not
         while True:
+            start = reader.line_num + 1 + cr_ends
+            record.clear()
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as error:
                 raise ConfigError(f"{path.name} line {reader.line_num} is not valid CSV: {error}") from None
-            if fields:
-                yield reader.line_num, [value.replace(_CR, "\n") for value in fields]
+            parts = _rows_ended_by_cr(fields, record, len(header)) if fields else []
+            for offset, part in enumerate(parts):
+                yield start + offset, [value.replace(_CR, "\n").replace("\r", "\n") for value in part]
+            cr_ends += max(len(parts) - 1, 0)
 
     return header, rows()
+
+
+def _kept(lines: Iterator[str], record: list[str]) -> Iterator[str]:
+    for line in lines:
+        record.append(line)
+        yield line
+
+
+def _rows_ended_by_cr(fields: list[str], record: list[str], width: int) -> list[list[str]]:
+    """The rows of a record: itself, or the rows its unquoted bare CRs end when it is too wide as one
+    row and every one of those rows has exactly `width` fields."""
+    if len(fields) <= width or not any(_CR in value for value in fields):
+        return [fields]
+    text = "".join(record).replace(_CR, "\r")
+    parts = [part for part in csv.reader(io.StringIO(text, newline="")) if part]  # the csv module's own CR rule
+    return parts if len(parts) > 1 and all(len(part) == width for part in parts) else [fields]
 
 
 def need_column(name: str, header: list[str], what: str, source: Path | str) -> int:
@@ -63,3 +92,12 @@ def need_column(name: str, header: list[str], what: str, source: Path | str) -> 
         return header.index(name)
     existing = ", ".join(repr(h) for h in header if h)
     raise ConfigError(f"{what} {name!r} is not a column of {Path(source).name}; its columns are {existing}")
+
+
+def unique_columns(header: list[str], source: Path | str) -> None:
+    """A ConfigError naming a column name that appears more than once: columns are picked by name, and
+    a second `label` would silently win over the first. Empty names (unnamed index columns) may repeat."""
+    for name, count in Counter(name for name in header if name).items():
+        if count > 1:
+            raise ConfigError(f"{Path(source).name} has {count} columns named {name!r}: rename all but one "
+                              "(columns are picked by name)")
