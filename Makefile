@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := demo-output
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ demo: venv
 	$(BIN)/shardtool verify $(DEMO)/shards --decode
 	$(BIN)/trainer fit $(DEMO)/shards $(DEMO)/run --model efficientnet_lite0 --image-size 96 --epochs 3 \
 		--batch-size 32 --crop-scale 0.35 --overwrite
+	@echo "serve the demo model (upload page at http://127.0.0.1:8000/): $(BIN)/trainer serve $(DEMO)/run/best.pt"
 
-test: venv
+# The browser test drives Debian's chromium (no browser download): installed here when it is missing and
+# this user may (root with apt-get); otherwise that one test is skipped, and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "no chromium here: the browser test will be skipped"
+
+test: venv browser
 	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q
 
 clean:
