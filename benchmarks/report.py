@@ -19,12 +19,13 @@ HERE = RESULTS.parent  # benchmarks/, unless BENCHMARK_RESULTS points elsewhere
 ORDER = ("loader", "pack", "pack_bson", "memory", "fit")  # the rest follow by name
 TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing clothing-small",
           "pack_bson": "Packing a Cdiscount-like BSON dump", "memory": "Peak memory vs dataset size",
-          "fit": "Trainer: real data vs the compute-only ceiling"}
-FIGURES = {"memory": ("peak_rss_mb", "peak RSS (MB)")}  # what each panel charts; the rest: images/s
+          "fit": "Trainer: real data vs the compute-only ceiling",
+          "serve": "trainer serve: checkpoint vs ONNX export"}
+FIGURES = {"memory": ("peak_rss_mb", "peak RSS (MB)"), "serve": ("c8_req_s", "requests/s at concurrency 8")}  # what each panel charts; the rest: images/s
 
 
 def ours(name: str) -> bool:
-    return name.startswith(("shardtool", "pack ", "loader-epoch")) or name.endswith("-real")
+    return name.startswith(("shardtool", "pack ", "loader-epoch")) or name.endswith("-real") or name in ("checkpoint", "onnx")
 
 
 def load_results() -> list[dict[str, Any]]:

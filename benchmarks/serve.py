@@ -1,6 +1,6 @@
 """Serving latency and throughput: `trainer serve` on a checkpoint and on its ONNX export, same images.
 
-    python -m benchmarks.serve [--ckpt CKPT] [--requests 100] [--repeats 3] [--json]
+    python -m benchmarks.serve [--ckpt CKPT --data SHARDS --split S --images DIR] [--requests 100] [--repeats 3] [--json]
 
 Each model is served by its own `trainer serve` process on a free local port (defaults: batches of up to
 16, 5 ms wait), warmed up with 10 requests, then measured round by round, the two rows alternating:
@@ -22,6 +22,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,12 @@ def shards_dir() -> Path:
     if not (shards / "dataset.json").is_file():
         run([tool("shardtool"), "pack", *pack_args("clothing-small", real_data()), str(shards), "--overwrite"])
     return shards
+
+
+def export_onnx(ckpt: Path, folder: Path, data: str, split: str) -> Path:
+    onnx = folder / "model.onnx"
+    run([tool("trainer"), "export", str(ckpt), str(onnx), "--check-data", data or str(shards_dir()), "--split", split])
+    return onnx
 
 
 def run(argv: list[str]) -> None:
@@ -131,17 +138,21 @@ def measure(url: str, images: list[bytes], requests: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="", help="Checkpoint to serve [the accuracy benchmark's clothing-small fit].")
+    parser.add_argument("--data", default="", help="Shards the export's parity is checked on (test split) "
+                                                   "[clothing-small, packed once].")
+    parser.add_argument("--split", default="test", help="Split of --data for the parity check.")
+    parser.add_argument("--images", default="", help="Folder of images to send [clothing-small/test].")
     parser.add_argument("--requests", type=int, default=100, help="Requests at concurrency 1 (x2 at 8) per round.")
     parser.add_argument("--repeats", type=int, default=3, help="Rounds; each row's figures are their median.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     ckpt = checkpoint(args.ckpt)
-    onnx = WORK / "model.onnx"
-    run([tool("trainer"), "export", str(ckpt), str(onnx), "--check-data", str(shards_dir())])
-    images = [p.read_bytes() for p in sorted((real_data() / "clothing-small" / "test").glob("*/*.jpg"))]
+    folder = Path(args.images) if args.images else real_data() / "clothing-small" / "test"
+    images = [p.read_bytes() for p in sorted(folder.glob("**/*.jpg"))]
     rows: dict[str, list[dict[str, float]]] = {"checkpoint": [], "onnx": []}
-    with serving(ckpt) as torch_url, serving(onnx) as onnx_url:
+    with tempfile.TemporaryDirectory() as tmp, serving(ckpt) as torch_url, \
+            serving(export_onnx(ckpt, Path(tmp), args.data, args.split)) as onnx_url:
         urls = {"checkpoint": torch_url, "onnx": onnx_url}
         for url in urls.values():
             sequential(url + "/predict", images, 10)  # warm-up

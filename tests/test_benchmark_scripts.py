@@ -81,3 +81,13 @@ def test_loader_benchmark_rejects_an_unknown_row_in_one_line(tmp_path: Path) -> 
                       results=tmp_path / "results")
     assert done.returncode == 1 and done.stderr.strip() == (
         f"unknown rows: pytorch (choose from {', '.join(ROWS)})")
+
+
+def test_serve_benchmark_measures_the_checkpoint_and_its_onnx_export(shapes_model, tmp_path: Path) -> None:
+    done = run_module("benchmarks.serve", "--ckpt", str(shapes_model.ckpt), "--data", str(shapes_model.data),
+                      "--split", "val", "--images", str(shapes_model.source), "--requests", "4", "--repeats", "1", "--json",
+                      results=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)["results"]}
+    assert set(rows) == {"checkpoint", "onnx"}
+    assert all(r["c1_p50_ms"] > 0 and r["c8_req_s"] > 0 and r["c1_p95_ms"] >= r["c1_p50_ms"] for r in rows.values())
