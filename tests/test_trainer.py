@@ -64,7 +64,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, tmp_path: Path) -> None:
-    args = [data, "--epochs", "3", "--checkpoint-every", "1", *TINY]
+    args = [data, "--epochs", "3", "--checkpoint-every", "1", "--ema-epochs", "0.5", *TINY]
     trainer("fit", args[0], tmp_path / "whole", *args[1:])
 
     killed = tmp_path / "killed"
@@ -90,11 +90,26 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, 
     assert resumed[0] != resumed[1]  # and epochs are shuffled differently
     a, b = weights(tmp_path / "whole"), weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(run / "last.pt", weights_only=True)["ema"] for run in (tmp_path / "whole", killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the moving average resumed exactly too
     rows = list(csv.DictReader(open(killed / "metrics.csv")))
     whole_rows = list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # the killed epoch's row is written once
     for column in ("train_loss", "train_top1", "val_loss", "val_top1"):
         assert [r[column] for r in rows] == [r[column] for r in whole_rows], column
+
+
+def test_with_an_ema_best_pt_holds_the_average_that_was_validated(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer("fit", data, run, "--epochs", "1", "--ema-epochs", "0.25", *TINY)
+    last, best = (torch.load(run / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert "ema" in last and "ema" not in best
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert set(average) == set(best["model"]) and all(torch.equal(average[k], best["model"][k]) for k in average)
+    assert not all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])  # not the raw weights
+    evaluated = json.loads(trainer("evaluate", run / "best.pt", data, "--split", "val", "--json").stdout)
+    logged = list(csv.DictReader(open(run / "metrics.csv")))[-1]
+    assert evaluated["top1"] == pytest.approx(float(logged["val_top1"]))
 
 
 def free_port() -> int:

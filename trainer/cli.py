@@ -38,6 +38,8 @@ HELP = {
     "freeze_bn": "Keep the pretrained BatchNorm statistics after unfreezing too, as Keras' EfficientNet "
                  "fine-tuning guide does (92% vs 90% on clothing-small here); no effect with --weights none.",
     "label_smoothing": "Cross-entropy label smoothing.",
+    "ema_epochs": "Validate, keep and export an exponential moving average of the weights with this time "
+                  "constant in epochs (0: off); it starts at the LP-FT starting point.",
     "crop_scale": "Smallest area fraction of RandomResizedCrop (ImageNet training uses 0.08; short fine-tunes do better higher).", "mixup": "MixUp alpha (0: off).", "cutmix": "CutMix alpha (0: off).",
     "amp": "auto | bf16 | fp16 | none (auto: bf16 on CPUs and GPUs that have it).",
     "channels_last": "channels_last memory format.", "compile": "torch.compile the model.",

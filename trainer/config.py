@@ -15,7 +15,7 @@ from trainer.errors import ConfigError
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
                 "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "freeze_bn", "warmup_epochs",
-                "unfreeze_warmup_epochs", "head_init",
+                "unfreeze_warmup_epochs", "head_init", "ema_epochs",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
 
@@ -42,6 +42,7 @@ class FitConfig:
     unfreeze_warmup_epochs: float = 1.0  # the backbone's LR ramps up from 0 over this long after unfreezing
     freeze_bn: bool = True  # keep the pretrained BN running statistics for the whole run (not with weights none)
     label_smoothing: float = 0.1
+    ema_epochs: float = 0.0  # time constant of an exponential moving average of the weights, in epochs; 0: off
     crop_scale: float = 0.3  # RandomResizedCrop's smallest area fraction (ImageNet training uses 0.08)
     mixup: float = 0.0  # alpha; 0 is off
     cutmix: float = 0.0
@@ -76,8 +77,8 @@ class FitConfig:
             raise ConfigError("crop_scale must be in (0, 1]")
         if self.head_init == "probe" and (self.weights == "none" or self.norm != "model"):
             raise ConfigError("--head-init probe needs pretrained --weights and --norm model (the probe's features)")
-        if self.unfreeze_warmup_epochs < 0 or self.warmup_epochs < 0:
-            raise ConfigError("warmup_epochs and unfreeze_warmup_epochs must be >= 0")
+        if self.unfreeze_warmup_epochs < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
+            raise ConfigError("warmup_epochs, unfreeze_warmup_epochs and ema_epochs must be >= 0")
         if self.freeze_epochs < 0 or self.workers < 0 or min(self.image_size, self.eval_image_size) < 0 or self.lr <= 0:
             raise ConfigError("freeze_epochs, workers, image_size and eval_image_size must be >= 0 and lr > 0")
         return self
@@ -128,6 +129,7 @@ def resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> FitConfig:
         raise ConfigError(f"--resume continues a run exactly; {changed[0]} differs from it "
                           f"({saved.get(changed[0])!r} vs {given[changed[0]]!r}): start a new OUT instead")
     known = {f.name for f in fields(FitConfig)}
+    saved = {"ema_epochs": 0.0} | saved  # a run from before --ema-epochs had none
     return FitConfig(**{k: v for k, v in {**saved, **given}.items() if k in known}).validate()
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import FitConfig, write_yaml
@@ -60,6 +62,12 @@ class Run:
     state: State = field(default_factory=State)
     keys: KeyLog | None = None
     probe: dict[str, float] = field(default_factory=dict)  # the probe's top-1 when the head started from it
+    ema: AveragedModel | None = None  # --ema-epochs: what is validated, kept as best.pt and exported
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights validated and saved as best.pt: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model.module
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,14 +162,24 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
         val = make_loader(loader_spec(config, dataset, model, dist, device, config.val_split, False), config.loader)
     run = Run(config, dist, dataset, model, device, make_amp(config.amp, device), make_optimizer(config, model),
               train, val, Path(config.out))
+    if config.ema_epochs:
+        run.ema = make_ema(model.module, config.ema_epochs * train.num_batches)
     if checkpoint is not None:
         restore(run, checkpoint)
     return run
 
 
+def make_ema(module: nn.Module, steps: float) -> AveragedModel:
+    """torch's AveragedModel with an EMA of time constant STEPS optimizer steps (decay exp(-1/STEPS) per
+    step); buffers are averaged too. Its first update copies the weights after the first step."""
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(math.exp(-1 / max(steps, 1))), use_buffers=True)
+
+
 def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     check_classes(checkpoint, run.dataset.class_names, run.config.data)
     run.model.module.load_state_dict(checkpoint["model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     if run.amp.scaler is not None and checkpoint.get("scaler"):
         run.amp.scaler.load_state_dict(checkpoint["scaler"])
@@ -170,13 +188,17 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
 
 
 def save(run: Run, name: str) -> None:
+    """last.pt: the training weights (and the average, to resume it); best.pt: the kept weights."""
     if not run.dist.main:
         return
-    state = {"model": run.model.module.state_dict(), "optimizer": run.optimizer.state_dict(),
+    weights = run.kept if name == "best.pt" else run.model.module
+    state = {"model": weights.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.amp.scaler.state_dict() if run.amp.scaler else {}, "state": asdict(run.state),
              "rng": rng_state(), "config": run.config.to_dict(), "classes": run.dataset.class_names,
              "class_entries": run.dataset.classes,
              "preprocessing": preprocessing(run.config, run.dataset, run.model)}
+    if run.ema is not None and name != "best.pt":
+        state["ema"] = run.ema.state_dict()
     save_checkpoint(state, run.out / name)
 
 
@@ -224,6 +246,8 @@ def start_from_probe(run: Run) -> None:
     barrier()
     head = load_checkpoint(folder / "probe.pt")["model"]
     run.model.module.load_state_dict(head)
+    if run.ema is not None:  # the average starts at LP-FT's starting point
+        run.ema = make_ema(run.model.module, run.config.ema_epochs * run.train.num_batches)
 
 
 def stop_early(run: Run) -> bool:
@@ -242,7 +266,7 @@ def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]
     row = epoch_row(run, sums)
     if run.val is not None:
         meter = new_meter_for(run.dataset, run.device)
-        result = evaluate(run.model.module, run.val.epoch(epoch), meter, amp=run.amp, num_batches=run.val.num_batches,
+        result = evaluate(run.kept, run.val.epoch(epoch), meter, amp=run.amp, num_batches=run.val.num_batches,
                           on_corrupt=config.on_corrupt, after_step=lambda s: progress(epoch, s))
         row |= val_columns(result)
     state.epoch, state.batch, state.partial = epoch + 1, 0, {}
@@ -267,6 +291,8 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
 
     def after_step(step: Step) -> None:
         state.step, state.batch = state.step + 1, step.batch
+        if run.ema is not None:
+            run.ema.update_parameters(run.model.module)
         state.partial = {k: v for k, v in asdict(sums).items() if k != "skipped"}
         if run.keys is not None:
             run.keys.write(state.epoch, state.step, step.keys)
