@@ -274,3 +274,13 @@ def test_evaluate_refuses_an_arbitrary_pickle_plainly(tmp_path, content):
     assert done.returncode == 2
     assert done.stderr == (f"error: {ckpt} is not a trainer checkpoint, or not one this version can load safely; "
                            "it was not loaded\n")  # no advice to pass weights_only=False, no torch warning
+
+
+def test_fit_refuses_weights_that_are_an_arbitrary_pickle_plainly(tmp_path):
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(pickle.dumps(fractions.Fraction(1, 3), protocol=2))
+    from trainer.errors import ConfigError
+    from trainer.models import create_model
+
+    with pytest.raises(ConfigError, match="not a state dict of tensors this version can load safely"):
+        create_model("tiny_cnn", 3, str(bad))

@@ -12,6 +12,9 @@ network), `none`, or a path to a state dict.
 
 from __future__ import annotations
 
+import pickle
+import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +71,16 @@ def create_model(name: str, num_classes: int, weights: str = "imagenet") -> Mode
 def load_state(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"--weights {path}: no such file (use imagenet, none or a state-dict path)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    try:
+        with warnings.catch_warnings():  # torch's notes about a file we refuse anyway
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, struct.error):
+        raise ConfigError(f"--weights {path} is not a state dict of tensors this version can load safely; "
+                          "it was not loaded") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+    return state.get("model", state)
 
 
 def _load_backbone(module: nn.Module, state: dict[str, torch.Tensor], head: nn.Module) -> None:
