@@ -11,7 +11,9 @@ For each dataset, packed once into benchmarks/.cache/accuracy/ as a user would p
 - fashion-mnist: the pixel CSV (28x28 grey, lossless PNG), `--split val=0.15,test=0.15 --stratify`;
 then `trainer probe` (the frozen backbone's features + a softmax head) and `trainer fit` with RECIPE
 (the README's command, the same flags for every dataset), EfficientNet-Lite0 with its ImageNet weights.
-Each row: val and test top-1 of both, the fit's wall time and training images/s, and the val top-1
+Each row: val and test top-1 of both (fit_val: its best epoch's; fit_test: best.pt's, which is the
+probe's starting point, best_epoch 0, when no epoch beat it on val), the fit's wall time and
+training images/s, and the val top-1
 before the backbone starts learning (the head fit starts from: the probe's with LP-FT, else the last
 frozen epoch's) and after its first epoch of learning (a drop there is the collapse at the unfreeze).
 
@@ -36,7 +38,8 @@ import yaml
 from benchmarks.common import CACHE, emit, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "6"]
-COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "frozen_val", "unfrozen_val",
+COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch", "frozen_val",
+           "unfrozen_val",
            "fit_beats_probe", "fit_minutes", "img_s", "probe_seconds"]
 
 
@@ -98,7 +101,7 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     train_images = manifest["splits"]["train"]["num_samples"]
     return {"name": name, "train_images": train_images, "classes": len(manifest["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
-            "fit_val": best, "fit_test": test,
+            "fit_val": best, "fit_test": test, "best_epoch": summary["best_epoch"],
             "frozen_val": val[frozen - 1] if frozen else summary.get("probe", {}).get("val"),
             "unfrozen_val": val[frozen] if frozen < len(val) else None,
             "fit_beats_probe": best > probe["val"]["top1"], "fit_minutes": round(seconds / 60, 2),

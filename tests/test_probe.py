@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
@@ -156,6 +157,11 @@ def test_fit_starts_its_head_from_the_probe(data: Path, tmp_path: Path) -> None:
     assert (tmp_path / "lpft" / "probe" / "probe.pt").is_file()
     assert summary["probe"]["val"] == alone["val"]["top1"] >= 0.75
     assert rows[0]["val_top1"] == pytest.approx(alone["val"]["top1"])
+    # an epoch that does not beat the starting point does not replace it: best.pt is the probe's model
+    assert summary["best_epoch"] == 0
+    best = torch.load(tmp_path / "lpft" / "best.pt", weights_only=True)["model"]
+    probe_model = torch.load(tmp_path / "lpft" / "probe" / "probe.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], probe_model[k]) for k in probe_model)
 
     random_rows: list[dict] = []
     summary = fit(FitConfig(str(data), str(tmp_path / "random"), **common, head_init="random"),

@@ -164,7 +164,8 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
     if split:
         result = summary[split]
         levels = "".join(f"  {k} {v:.2%}" for k, v in (result.get("level_acc") or {}).items() if v is not None)
-        console.print(f"best epoch {summary['best_epoch']}: {split} top-1 {result['top1']:.2%}  top-5 "
+        epoch = summary["best_epoch"] or "0 (no epoch beat the linear probe it started from)"
+        console.print(f"best epoch {epoch}: {split} top-1 {result['top1']:.2%}  top-5 "
                       f"{result['top5']:.2%}  loss {result['loss']:.4f}  ({result['num_samples']} images){levels}",
                       markup=False)
     console.print(f"run written to {out}: best.pt, last.pt, metrics.csv, curves.png, tb/, summary.json", markup=False)

@@ -236,18 +236,28 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
 def start_from_probe(run: Run) -> None:
     """LP-FT (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"): the head starts as the
     linear probe's, fitted in seconds on the frozen backbone's cached features, so the backbone's first
-    gradients come through a good head, not a random one. Rank 0 runs the probe into OUT/probe."""
+    gradients come through a good head, not a random one. Rank 0 runs the probe into OUT/probe.
+
+    The starting point is epoch 0 of best.pt's choice: an epoch replaces it only by beating the probe's
+    val figure, so a fine-tune that does not help hands back the probe (summary.json best_epoch 0)."""
     from trainer.probe import fit_probe  # probe.py builds on fit.py's helpers
 
     folder = run.out / "probe"
+    start = 0.0
     if run.dist.main:
         result = fit_probe(run.config, folder)
         run.probe = {role: result[role]["top1"] for role in ("val", "test") if role in result} | {"l2": result["l2"]}
+        metric = run.config.metric.removeprefix("val_")
+        start = result["val"][metric] if "val" in result and run.val is not None else math.nan
     barrier()
     head = load_checkpoint(folder / "probe.pt")["model"]
     run.model.module.load_state_dict(head)
     if run.ema is not None:  # the average starts at LP-FT's starting point
         run.ema = make_ema(run.model.module, run.config.ema_epochs * run.train.num_batches)
+    start = all_sum([start], run.device)[0]  # rank 0's figure on every rank: they judge epochs alike
+    if not math.isnan(start):
+        run.state.best, run.state.best_epoch = start, 0
+        save(run, "best.pt")
 
 
 def stop_early(run: Run) -> bool:
