@@ -152,7 +152,11 @@ def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
     try:
         return _run(jobs, backend)
     except RuntimeError as error:  # how DALI reports an operator's failure; the pipeline is unusable after it
-        _pipelines.pop(backend, None)
+        broken = _pipelines.pop(backend, None)
+        if broken is not None:
+            # Shut it down here, not whenever the cyclic garbage collector reaches it: once (CI, 2026-12-02)
+            # that was in the middle of building the next pipeline, and the process segfaulted there.
+            broken._shutdown()  # DALI's own __del__ step; it has no public close()
         if len(jobs) == 1:
             return [_reason(error)]
         half = len(jobs) // 2
