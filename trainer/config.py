@@ -42,7 +42,7 @@ class FitConfig:
     unfreeze_warmup_epochs: float = 1.0  # the backbone's LR ramps up from 0 over this long after unfreezing
     freeze_bn: bool = True  # keep the pretrained BN running statistics for the whole run (not with weights none)
     label_smoothing: float = 0.1
-    ema_epochs: float = 0.0  # time constant of an exponential moving average of the weights, in epochs; 0: off
+    ema_epochs: float = 1.0  # time constant of an exponential moving average of the weights, in epochs; 0: off
     crop_scale: float = 0.3  # RandomResizedCrop's smallest area fraction (ImageNet training uses 0.08)
     mixup: float = 0.0  # alpha; 0 is off
     cutmix: float = 0.0
