@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := demo-output
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test venv browser gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ browser:
 
 test: venv browser
 	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q
+
+# Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
+gpu-check: venv
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -30,9 +30,11 @@ def setup(device: str) -> Dist:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:
+    if cuda:  # one GPU per process: this rank's is cuda:LOCAL_RANK (fit.resolve_device agrees)
         torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group(backend="gloo")
     return Dist(rank, world, local)
 
 

@@ -63,6 +63,7 @@ class Run:
     keys: KeyLog | None = None
     probe: dict[str, float] = field(default_factory=dict)  # the probe's top-1 when the head started from it
     ema: AveragedModel | None = None  # --ema-epochs: what is validated, kept as best.pt and exported
+    wrapped: tuple[bool, nn.Module] | None = None  # (frozen, DDP/compiled model) while the trainable set holds
 
     @property
     def kept(self) -> nn.Module:
@@ -70,19 +71,23 @@ class Run:
         return self.ema.module if self.ema is not None else self.model.module
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a device. Under torchrun (DIST with world > 1) a CUDA device is always
+    cuda:LOCAL_RANK, one GPU per process, whatever index was asked for: NCCL fails with two ranks on one."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device here (use cpu or auto)")
+    if name.startswith("cuda") and dist is not None and dist.world > 1:
+        return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 
 
 def make_amp(mode: str, device: torch.device) -> Amp:
     """auto: bf16 on a GPU that has it (else fp16 with a scaler); bf16 on a CPU with native bf16 (4x here)."""
     if mode == "auto":
-        if device.type == "cuda":
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cuda":  # native bf16 only (Ampere and later): V100/T4 emulate it, slowly
+            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             mode = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
     if mode == "none":
@@ -150,7 +155,7 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
     dataset = open_dataset(config.data)
     if not dataset.classes:
         raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to train on")
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, dist)
     torch.manual_seed(config.seed)
     model = create_model(config.model, len(dataset.classes), config.weights)
     if config.channels_last:
@@ -267,12 +272,7 @@ def stop_early(run: Run) -> bool:
 def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
     config, state, epoch = run.config, run.state, run.state.epoch
     set_frozen(run.model, epoch < config.freeze_epochs, config.freeze_bn and config.weights != "none")
-    model: nn.Module = run.model.module
-    if run.dist.world > 1:  # rebuilt per epoch: the trainable set changes when the backbone unfreezes
-        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if config.compile:
-        model = torch.compile(model)
-    sums = train(run, model, progress)
+    sums = train(run, wrapped(run, epoch < config.freeze_epochs), progress)
     row = epoch_row(run, sums)
     if run.val is not None:
         meter = new_meter_for(run.dataset, run.device)
@@ -283,6 +283,20 @@ def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]
     judge(run, row)
     save(run, "last.pt")
     return row
+
+
+def wrapped(run: Run, frozen: bool) -> nn.Module:
+    """The module trained on: DDP and torch.compile around the model, built again only when the trainable
+    set changes (DDP registers its parameters once; a compile per epoch runs past dynamo's recompile limit
+    and silently falls back to eager)."""
+    if run.wrapped is None or run.wrapped[0] != frozen:
+        model: nn.Module = run.model.module
+        if run.dist.world > 1:
+            model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        if run.config.compile:
+            model = torch.compile(model)
+        run.wrapped = (frozen, model)
+    return run.wrapped[1]
 
 
 def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> TrainSums:

@@ -21,6 +21,7 @@ import ctypes
 import importlib.util
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from shardtool.errors import ConfigError
+from shardtool.errors import ConfigError, PackError
 from shardtool.process import pil
 from shardtool.process.checks import load_bytes, open_image
 from shardtool.process.geometry import Plan, plan
@@ -44,6 +45,10 @@ DALI_MODES = {"JPEG": {"RGB", "L", "CMYK"}, "MPO": {"RGB", "L", "CMYK"}, "PNG": 
               "WEBP": {"RGB"}, "BMP": {"RGB", "L"}, "TIFF": {"RGB", "L"}}
 _QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _pipelines: dict[str, Any] = {}  # one built pipeline per backend in this process
+EVERY_FAILED = 8  # a batch at least this big failing image by image is DALI's problem, not the images'
+# What DALI says when the device, driver or memory failed rather than one image's data
+_SYSTEM_FAILURE = re.compile(r"CUDA error|CUDA_ERROR|cuda\w*Error|NVJPEG_STATUS_(ALLOCATOR_FAILURE|EXECUTION_FAILED|INTERNAL_ERROR|"
+                             r"ARCH_MISMATCH|NOT_INITIALIZED)|out of memory|[Oo]ut of device memory")
 
 
 @dataclass(frozen=True)
@@ -148,25 +153,51 @@ def _dali_decodes(image: Image.Image, turn: int | None) -> bool:
 
 
 def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
-    """Each job's RGB pixels at its planned size, or why DALI could not decode it (failed batches bisected)."""
+    """Each job's RGB pixels at its planned size, or why DALI could not decode it (failed batches bisected).
+
+    A failure that is not about one image's data stops the pack with one line instead of turning every
+    image into a `corrupt_image` skip: the pipeline cannot be built (CUDA, driver, nvJPEG, memory), DALI
+    names CUDA or memory, or every image of a batch of EVERY_FAILED or more fails on its own."""
+    results = _bisect(jobs, backend)
+    if len(jobs) >= EVERY_FAILED and all(isinstance(r, str) for r in results):
+        raise PackError(f"DALI ({backend}) failed on every image of a batch of {len(jobs)} (the first: "
+                        f"{results[0]}): not the images' fault; --backend pil packs without DALI")
+    return results
+
+
+def _bisect(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
+    pipe = _pipeline(backend)  # outside the try: a pipeline that cannot be built is no image's fault
     try:
-        return _run(jobs, backend)
+        return _run(pipe, jobs, backend)
     except RuntimeError as error:  # how DALI reports an operator's failure; the pipeline is unusable after it
-        broken = _pipelines.pop(backend, None)
-        if broken is not None:
-            # Shut it down here, not whenever the cyclic garbage collector reaches it: once (CI, 2026-12-02)
-            # that was in the middle of building the next pipeline, and the process segfaulted there.
-            broken._shutdown()  # DALI's own __del__ step; it has no public close()
+        _discard(backend)
+        if _SYSTEM_FAILURE.search(str(error)):
+            raise PackError(f"DALI ({backend}) failed: {_reason(error)}; --backend pil packs without DALI") from None
         if len(jobs) == 1:
             return [_reason(error)]
         half = len(jobs) // 2
-        return _decode(jobs[:half], backend) + _decode(jobs[half:], backend)
+        return _bisect(jobs[:half], backend) + _bisect(jobs[half:], backend)
 
 
-def _run(jobs: list[_Job], backend: str) -> list[np.ndarray]:
+def _pipeline(backend: str) -> Any:
     if backend not in _pipelines:
-        _pipelines[backend] = _build(backend)
-    pipe = _pipelines[backend]
+        try:
+            _pipelines[backend] = _build(backend)
+        except RuntimeError as error:
+            raise PackError(f"DALI could not set up its {backend} pipeline: {_reason(error)}; "
+                            "--backend pil packs without DALI") from None
+    return _pipelines[backend]
+
+
+def _discard(backend: str) -> None:
+    broken = _pipelines.pop(backend, None)
+    if broken is not None:
+        # Shut it down here, not whenever the cyclic garbage collector reaches it: once (CI, 2026-12-02)
+        # that was in the middle of building the next pipeline, and the process segfaulted there.
+        broken._shutdown()  # DALI's own __del__ step; it has no public close()
+
+
+def _run(pipe: Any, jobs: list[_Job], backend: str) -> list[np.ndarray]:
     pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
     pipe.feed_input("size", [np.array(job.geometry.scaled[::-1], np.float32) for job in jobs])  # DALI: (H, W)
     pipe.feed_input("anchor", [-np.array(job.geometry.offset[::-1], np.float32) for job in jobs])
