@@ -96,6 +96,14 @@ def _labels(reader: Reader, workers: Workers) -> Iterator[tuple[str | None, str,
         yield (item.label, item.group, 1) if isinstance(item, Sample) else (None, "", 1)
 
 
+def worker_count(requested: int | None, backend: str) -> int | None:
+    """dali-gpu: one worker process (none with --workers 0) whose DALI uses every core, rather than a CUDA
+    context per worker process, all on GPU 0."""
+    if backend != "dali-gpu":
+        return requested
+    return 0 if requested == 0 else 1
+
+
 def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
     """Refuse an OUT that holds something else; clear it on --overwrite; resume a matching run."""
     out = Path(config.out)
@@ -135,7 +143,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                           "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    with Workers(config.workers) as workers:  # one pool for the scan and the encoding
+    with Workers(worker_count(config.workers, backend)) as workers:  # one pool for the scan and the encoding
         found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers)
         if not found.labels and reader.labelled:
             raise ConfigError(f"{config.source} holds no labelled images")

@@ -105,3 +105,10 @@ def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch) -> None:
                         lambda **kwargs: calls.setdefault("init", kwargs))
     assert distributed.setup("cuda") == rank1
     assert calls == {"set_device": 1, "init": {"backend": "nccl", "device_id": torch.device("cuda", 1)}}
+
+
+def test_dali_gpu_packs_in_one_worker_process() -> None:
+    from shardtool.pack import worker_count
+
+    assert [worker_count(n, "dali-gpu") for n in (None, 0, 1, 8)] == [1, 0, 1, 1]
+    assert [worker_count(n, "pil") for n in (None, 0, 8)] == [None, 0, 8]

@@ -213,8 +213,9 @@ def _build(backend: str) -> Any:
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = backend == "dali-gpu"
-    # In a pack worker process the other cores have workers of their own; in-process, DALI's threads use them.
-    threads = 1 if multiprocessing.parent_process() else os.cpu_count() or 1
+    # In a pack worker process the other cores have workers of their own; in-process, or in the one worker
+    # pack starts for dali-gpu, DALI's threads use them.
+    threads = 1 if multiprocessing.parent_process() and not gpu else os.cpu_count() or 1
 
     @pipeline_def(batch_size=MAX_BATCH, num_threads=threads, device_id=0 if gpu else None, exec_async=False,
                   exec_pipelined=False, prefetch_queue_depth=1)

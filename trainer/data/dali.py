@@ -49,6 +49,7 @@ from trainer.dataset import Shard
 from trainer.errors import ConfigError, TrainError
 
 IMAGE_EXTS = "jpg;jpeg;png;webp"
+DEVICE_FAILURE = re.compile(r"CUDA error|CUDA_ERROR|cuda\w*Error|NVJPEG_STATUS|out of memory")  # not the shards' fault
 
 
 def reader_args(spec: LoaderSpec, shards: list[Shard], seed: int) -> dict[str, Any]:
@@ -135,8 +136,9 @@ class DaliLoader:
         seed = random.Random(f"{spec.seed}/{epoch}/{spec.rank}/dali").randrange(2**31)
         try:
             pipe = build_pipeline(spec, shards, seed, self.device_id)
-        except RuntimeError as error:  # a missing or unreadable .idx or shard
-            raise TrainError(f"DALI cannot open the shards: {dali_reason(error)}") from None
+        except RuntimeError as error:  # a missing or unreadable .idx or shard, or the device itself
+            what = "set up on the GPU" if DEVICE_FAILURE.search(str(error)) else "open the shards"
+            raise TrainError(f"DALI cannot {what}: {dali_reason(error)}") from None
         for index in range(self.num_batches):
             try:
                 outputs = pipe.run()
@@ -162,7 +164,11 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+        if images.is_dense_tensor():  # one contiguous buffer: one copy
+            feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+            return
+        for i in range(len(images)):  # DALI may hand samples in separate buffers; as_tensor() refuses those
+            feed_ndarray(images[i], out[i], cuda_stream=stream)
 
     def _describe(self, error: RuntimeError, shards: list[Shard], seed: int, batch: int) -> str:
         """One line for a pipeline DALI stopped: the corrupt image when we can find it, else DALI's reason."""
