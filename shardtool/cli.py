@@ -67,6 +67,9 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--images", type=click.Path(), help="CSV: folder the image column is relative to [CSV's folder].")
 @click.option("--image-col", help="CSV: column holding the image path or id.")
 @click.option("--image-suffix", default="", help="CSV: appended to the image column, e.g. .jpg.")
+@click.option("--follow-links", is_flag=True,
+              help="CSV: let image paths lead outside --images through symlinks (never through '..' or an "
+                   "absolute path: those rows are skipped, outside_images).")
 @click.option("--label-col", help="CSV: column holding the label (in SOURCE or the --join CSV).")
 @click.option("--label-level", type=int, help="CSV: cut a 'A / B / C' label to its first N levels.")
 @click.option("--join", type=click.Path(), help="CSV: second CSV to join for the label and metadata.")
@@ -104,8 +107,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
-def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None, image_suffix: str,
-         label_col: str | None, label_level: int | None, join: str | None, join_on: tuple[str, str] | None,
+def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None,
+         image_suffix: str, follow_links: bool, label_col: str | None, label_level: int | None, join: str | None, join_on: tuple[str, str] | None,
          group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
@@ -117,7 +120,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
     csv = CsvOptions(image_col=image_col, label_col=label_col, images=images, image_suffix=image_suffix,
                      join=join, join_on=join_on, label_level=label_level, group_col=group_col,
                      split_col=split_col, numeric_cols=numeric_cols, encoding=encoding,
-                     shape=parse_shape(shape) if shape else None, channel_order=channel_order)
+                     shape=parse_shape(shape) if shape else None, channel_order=channel_order,
+                     follow_links=follow_links)
     config = PackConfig(source=source, out=out, format=fmt, csv=csv, categories=categories,
                         resize=parse_resize(resize), encode=encode, verify=verify, backend=backend,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,

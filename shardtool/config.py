@@ -83,6 +83,7 @@ class CsvOptions:
     encoding: str = "utf-8-sig"
     shape: tuple[int, int, int] | None = None
     channel_order: str = "interleaved"
+    follow_links: bool = False  # CSV: image paths may lead outside --images through symlinks
 
 
 @dataclass(frozen=True)

@@ -284,3 +284,31 @@ def test_fit_refuses_weights_that_are_an_arbitrary_pickle_plainly(tmp_path):
 
     with pytest.raises(ConfigError, match="not a state dict of tensors this version can load safely"):
         create_model("tiny_cnn", 3, str(bad))
+
+
+# --- CSV rows may not read files outside --images (issue 19, item 5) -----------------------------------------
+
+
+def test_csv_rows_cannot_reach_outside_images(tmp_path, cli):
+    images, private = tmp_path / "images", tmp_path / "private"
+    images.mkdir()
+    private.mkdir()
+    (images / "ok.jpg").write_bytes(jpeg_bytes(1))
+    (images / "sub").mkdir()
+    (images / "sub" / "deep.jpg").write_bytes(jpeg_bytes(2))
+    (private / "secret.jpg").write_bytes(jpeg_bytes(3))
+    (images / "link.jpg").symlink_to(private / "secret.jpg")
+    rows = ["ok.jpg", "sub/../sub/deep.jpg", "../private/secret.jpg", str(private / "secret.jpg"), "/dev/zero",
+            "link.jpg"]
+    manifest_csv = tmp_path / "list.csv"
+    manifest_csv.write_text("path,label\n" + "".join(f"{row},{'ab'[i % 2]}\n" for i, row in enumerate(rows)))
+    refused = pack_all(cli, manifest_csv, tmp_path / "out", "--images", images)
+    assert counts_of(refused) == {"outside_images": 4}
+    assert_accounted(refused, seen=6, written=2)
+    details = {r["source"]: r["detail"] for r in read_rejects(tmp_path / "out")}
+    assert "through a symlink (--follow-links allows it)" in details["list.csv:7"]
+    assert details["list.csv:4"] == f"'../private/secret.jpg' is outside --images {images}"
+
+    followed = pack_all(cli, manifest_csv, tmp_path / "out-links", "--images", images, "--follow-links")
+    assert counts_of(followed) == {"outside_images": 3}  # the symlink is followed; '..' and absolute paths never
+    assert_accounted(followed, seen=6, written=3)

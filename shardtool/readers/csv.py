@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,10 @@ def cut_path(label: str, level: int | None) -> str:
 
 def _control(column: str, value: str) -> str:
     return f"{column!r} holds a control character: {value!r}"
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _unnamed(column: str) -> bool:
@@ -71,6 +76,8 @@ class CsvReader:
             if name:
                 need_column(name, self.columns, flag, self.source)
         self.image_dir = Path(options.images) if options.images else self.source.parent
+        self._root_lexical = os.path.abspath(self.image_dir)
+        self._root_real = os.path.realpath(self.image_dir)
 
     def _pick(self, given: str | None, defaults: tuple[str, ...], flag: str, columns: list[str]) -> str:
         if given:
@@ -112,10 +119,23 @@ class CsvReader:
             return Skip("bad_label", key, where, _control(self.label_col, label), group, split)
         if key in seen:
             return Skip("duplicate_key", key, where, f"{image!r} appears earlier in the CSV", group, split)
+        path, outside = self._locate(image + self.options.image_suffix)
+        if outside:
+            return Skip("outside_images", key, where, outside, group, split)
         seen.add(key)
-        return Sample(key=key, label=label if self.options.label_level is None else cut_path(label, self.options.label_level), group=group, source=where,
-                      path=str(self.image_dir / (image + self.options.image_suffix)), split=split,
-                      meta=self._meta(row))
+        label = label if self.options.label_level is None else cut_path(label, self.options.label_level)
+        return Sample(key=key, label=label, group=group, source=where, path=path, split=split, meta=self._meta(row))
+
+    def _locate(self, name: str) -> tuple[str, str]:
+        """(path, "") for an image inside --images, or ("", why not): a row may not name a file elsewhere on
+        the machine, by an absolute path, '..' or (without --follow-links) a symlink leading out."""
+        path = self.image_dir / name
+        lexical = os.path.abspath(path)  # absolute and normalised: '..' resolved lexically
+        if not _within(lexical, self._root_lexical):
+            return "", f"{name!r} is outside --images {self.image_dir}"
+        if not self.options.follow_links and not _within(os.path.realpath(path), self._root_real):
+            return "", f"{name!r} leads outside --images {self.image_dir} through a symlink (--follow-links allows it)"
+        return str(path), ""
 
     def _meta(self, row: dict[str, str]) -> dict[str, Any]:
         meta: dict[str, Any] = {}
