@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from shardtool.manifest import load_manifest
+from shardtool.process.checks import open_header
 from shardtool.tario import IDX_VERSION
 
 
@@ -76,10 +76,11 @@ def _check_members(path: Path, shard: dict[str, Any], index: list[list[tuple[str
 
 
 def _decode(data: bytes) -> str | None:
+    """Our own images, limited by --max-pixels when packed: checked for integrity, not as bombs."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data) as image:
             image.load()
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return str(error)
     return None
 

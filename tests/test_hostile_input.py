@@ -85,9 +85,10 @@ def test_csv_rows_pointing_at_a_fifo_or_a_device_are_counted_skips(tmp_path, cli
     for i in range(4):
         (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i))
     os.mkfifo(tmp_path / "imgs" / "pipe.jpg")
-    rows = [f"imgs/{i}.jpg,{'ab'[i % 2]}" for i in range(4)] + ["imgs/pipe.jpg,a", f"{os.devnull},b"]
+    (tmp_path / "imgs" / "null.jpg").symlink_to(os.devnull)  # outside the folder: read only with --follow-links
+    rows = [f"imgs/{i}.jpg,{'ab'[i % 2]}" for i in range(4)] + ["imgs/pipe.jpg,a", "imgs/null.jpg,b"]
     (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    manifest = pack_all(cli, tmp_path / "list.csv", tmp_path / "out")
+    manifest = pack_all(cli, tmp_path / "list.csv", tmp_path / "out", "--follow-links")
     assert counts_of(manifest) == {"not_a_regular_file": 2}
     assert_accounted(manifest, seen=6, written=4)
     details = {r["source"]: r["detail"] for r in read_rejects(tmp_path / "out")}
@@ -312,3 +313,41 @@ def test_csv_rows_cannot_reach_outside_images(tmp_path, cli):
     followed = pack_all(cli, manifest_csv, tmp_path / "out-links", "--images", images, "--follow-links")
     assert counts_of(followed) == {"outside_images": 3}  # the symlink is followed; '..' and absolute paths never
     assert_accounted(followed, seen=6, written=3)
+
+
+# --- no import-time global side effects (issue 19, item 6) ------------------------------------------------------
+
+
+def test_importing_and_packing_leave_pillow_and_csv_globals_alone(tmp_path):
+    script = f"""
+import csv, warnings
+from PIL import Image
+before = (Image.MAX_IMAGE_PIXELS, csv.field_size_limit())
+from click.testing import CliRunner
+from shardtool.cli import main
+import trainer.infer, trainer.serve.app
+from shardtool.synth import make_shapes
+make_shapes({str(tmp_path / 'src')!r}, per_class=2, size=32)
+result = CliRunner().invoke(main, ["pack", {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, "--workers", "0"])
+assert result.exit_code == 0, result.output
+bomb_filters = [f for f in warnings.filters if f[2] is Image.DecompressionBombWarning]  # torch's own filters aside
+print(before == (Image.MAX_IMAGE_PIXELS, csv.field_size_limit()) and not bomb_filters)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_pillows_bomb_check_is_off_for_our_header_reads_only():
+    import io
+
+    from PIL import Image
+
+    from shardtool.process.checks import open_header
+
+    data = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(data, "PNG")  # 400 Mpixels: Pillow alone refuses to open it
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data.getvalue()))
+    assert open_header(data.getvalue()).size == (20_000, 20_000)  # we check --max-pixels ourselves, next
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data.getvalue()))  # and the guard is back for everyone else

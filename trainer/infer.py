@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shardtool.process.checks import FORMATS
+from shardtool.process.checks import FORMATS, open_header
 from shardtool.process.pil import orientation, to_rgb
 from trainer.errors import ConfigError
 
@@ -99,7 +98,7 @@ def read_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     if not data:
         raise BadImage("empty", "empty file (0 bytes)")
     try:
-        opened = Image.open(io.BytesIO(data))
+        opened = open_header(data)
     except UnidentifiedImageError:
         raise BadImage("not_an_image", f"not an image: {len(data):,} bytes that no image decoder recognises") from None
     except (OSError, SyntaxError, ValueError) as error:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 
 from PIL import Image, UnidentifiedImageError
 
 from shardtool.sample import Sample, Skip
 
+_HEADER_LOCK = threading.Lock()
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
@@ -50,7 +52,7 @@ def _not_regular(sample: Sample, mode: int) -> Skip:
 def open_image(sample: Sample, data: bytes, max_pixels: int) -> Image.Image | Skip:
     """Parse the header only: the format is one we pack and the pixel count is under the limit."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_header(data)
     except UnidentifiedImageError:
         return _skip(sample, "not_an_image", f"{len(data)} bytes that no image decoder recognises")
     except (OSError, SyntaxError, ValueError) as error:
@@ -61,6 +63,19 @@ def open_image(sample: Sample, data: bytes, max_pixels: int) -> Image.Image | Sk
     if width * height > max_pixels:
         return _skip(sample, "too_many_pixels", f"{width}x{height} is over --max-pixels {max_pixels}")
     return image
+
+
+def open_header(data: bytes) -> Image.Image:
+    """Image.open (the header only) with Pillow's decompression-bomb check off for this call: every caller
+    checks the pixel count against its own limit (--max-pixels) before decoding. Pillow reads the limit
+    from a module global; it is put back at once, never left off for the program that imports us."""
+    with _HEADER_LOCK:  # threads (trainer serve) would otherwise restore each other's values
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def _skip(sample: Sample, reason: str, detail: str) -> Skip:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +15,10 @@ import simplejpeg
 from PIL import Image, ImageOps, ImageStat
 
 from shardtool.config import Resize
-from shardtool.process.checks import load_bytes, open_image
+from shardtool.process.checks import load_bytes, open_header, open_image
 from shardtool.process.geometry import Plan, plan
 from shardtool.sample import Item, Sample, Skip
 
-Image.MAX_IMAGE_PIXELS = None  # open_image applies our own --max-pixels before any decode
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -68,7 +65,7 @@ def process(item: Item, spec: OutputSpec) -> Item:
     else:
         encoded = encode(out, spec)
         if spec.encode == "jpg":  # lossy: the stats describe what a reader decodes, not the pixels before
-            out = Image.open(io.BytesIO(encoded))
+            out = open_header(encoded)
     stat = ImageStat.Stat(out)
     meta = {**item.meta, "width": out.width, "height": out.height}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,

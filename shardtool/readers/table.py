@@ -18,11 +18,12 @@ import io
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from shardtool.errors import ConfigError
 
 _CR = "\ue000"
-csv.field_size_limit(1 << 30)
+FIELD_LIMIT = 1 << 30  # csv's default 128 KiB is too small for real descriptions; raised for our reads only
 
 
 def _lines(path: Path, encoding: str) -> Iterator[str]:
@@ -45,7 +46,7 @@ def read_rows(path: str | Path, encoding: str = "utf-8-sig") -> tuple[list[str],
     record: list[str] = []  # the lines of the record the csv module is reading
     reader = csv.reader(_kept(_lines(path, encoding), record))
     try:
-        header = [name.replace(_CR, "").strip() for name in next(reader)]
+        header = [name.replace(_CR, "").strip() for name in _next(reader)]
     except StopIteration:
         raise ConfigError(f"{path.name} is empty: a CSV needs a header row") from None
     except csv.Error as error:
@@ -57,7 +58,7 @@ def read_rows(path: str | Path, encoding: str = "utf-8-sig") -> tuple[list[str],
             start = reader.line_num + 1 + cr_ends
             record.clear()
             try:
-                fields = next(reader)
+                fields = _next(reader)
             except StopIteration:
                 return
             except csv.Error as error:
@@ -68,6 +69,23 @@ def read_rows(path: str | Path, encoding: str = "utf-8-sig") -> tuple[list[str],
             cr_ends += max(len(parts) - 1, 0)
 
     return header, rows()
+
+
+def _next(reader: Any) -> list[str]:
+    """The next record, read with our field size limit; the csv module's global limit is put back after."""
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        return next(reader)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _all(reader: Any) -> list[list[str]]:
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        return list(reader)
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _kept(lines: Iterator[str], record: list[str]) -> Iterator[str]:
@@ -82,7 +100,7 @@ def _rows_ended_by_cr(fields: list[str], record: list[str], width: int) -> list[
     if len(fields) <= width or not any(_CR in value for value in fields):
         return [fields]
     text = "".join(record).replace(_CR, "\r")
-    parts = [part for part in csv.reader(io.StringIO(text, newline="")) if part]  # the csv module's own CR rule
+    parts = [part for part in _all(csv.reader(io.StringIO(text, newline=""))) if part]  # the csv module's own CR rule
     return parts if len(parts) > 1 and all(len(part) == width for part in parts) else [fields]
 
 
