@@ -64,6 +64,7 @@ class _SplitTotals:
         self.shards: list[dict[str, Any]] = []
         self.class_counts: Counter[int] = Counter()
         self.sum, self.sum2, self.pixels = [0.0] * 3, [0.0] * 3, 0
+        self.measured: int | None = 0  # images the statistics include; None when a record predates counting
 
     def add(self, record: dict[str, Any]) -> None:
         self.shards.append({"name": record["shard"] + ".tar", "index": record["shard"] + ".idx",
@@ -74,6 +75,7 @@ class _SplitTotals:
         self.sum = [a + b for a, b in zip(self.sum, stats["sum"])]
         self.sum2 = [a + b for a, b in zip(self.sum2, stats["sum2"])]
         self.pixels += stats["pixels"]
+        self.measured = None if self.measured is None or "images" not in stats else self.measured + stats["images"]
 
     def entry(self, num_classes: int) -> dict[str, Any]:
         return {"num_samples": sum(s["num_samples"] for s in self.shards),
@@ -82,14 +84,19 @@ class _SplitTotals:
                 "stats": _channel_stats([self]), "shards": self.shards}
 
 
-def _channel_stats(totals: list[_SplitTotals]) -> dict[str, list[float]] | None:
+def _channel_stats(totals: list[_SplitTotals]) -> dict[str, Any] | None:
+    """Mean/std over the pixels of every decoded image, and how many images that is of how many
+    (--verify header copies JPEGs without decoding them: they are not in the statistics)."""
     pixels = sum(t.pixels for t in totals)
     if not pixels:
         return None
     mean = [sum(t.sum[c] for t in totals) / pixels for c in range(3)]
     squares = [sum(t.sum2[c] for t in totals) / pixels for c in range(3)]
     std = [math.sqrt(max(s - m * m, 0.0)) for s, m in zip(squares, mean)]
-    return {"mean": [round(m / 255, 6) for m in mean], "std": [round(s / 255, 6) for s in std]}
+    measured = [t.measured for t in totals]
+    return {"mean": [round(m / 255, 6) for m in mean], "std": [round(s / 255, 6) for s in std],
+            "images": None if None in measured else sum(measured),  # type: ignore[arg-type]
+            "of": sum(s["num_samples"] for t in totals for s in t.shards)}
 
 
 def skip_report(skips: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -130,6 +130,7 @@ class SplitSink:
         self._skips: list[dict[str, str]] = []
         self._class_counts: dict[int, int] = {}
         self._sum, self._sum2, self._pixels = [0.0] * 3, [0.0] * 3, 0
+        self._measured = 0  # samples whose pixels the statistics include (not --verify header copies)
 
     def skip(self, skip: Skip) -> None:
         self._skips.append(skip.as_dict())
@@ -158,6 +159,7 @@ class SplitSink:
                     self._sum = [a + b for a, b in zip(self._sum, total)]
                     self._sum2 = [a + b for a, b in zip(self._sum2, squares)]
                     self._pixels += pixels
+                    self._measured += 1
             self._count += end - i
             self.consumed += end - i
             i = end
@@ -190,7 +192,8 @@ class SplitSink:
             record.update(shard=shard_name(self.split, self.next_index), index=self.next_index,
                           num_samples=self._count, bytes=size, sha256=None,
                           class_counts={str(k): v for k, v in sorted(self._class_counts.items())},
-                          stats={"sum": self._sum, "sum2": self._sum2, "pixels": self._pixels})
+                          stats={"sum": self._sum, "sum2": self._sum2, "pixels": self._pixels,
+                                 "images": self._measured})
             self.writes.submit(self._written, self._shard, self._file, self._path(""), record)
             self.next_index += 1
             self._shard = None

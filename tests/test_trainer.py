@@ -112,6 +112,44 @@ def test_with_an_ema_best_pt_holds_the_average_that_was_validated(data: Path, tm
     assert evaluated["top1"] == pytest.approx(float(logged["val_top1"]))
 
 
+def test_a_resume_that_would_resolve_auto_settings_differently_is_refused(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer("fit", data, run, "--epochs", "1", *TINY)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["state"]["resolved"] == {"loader": "torch", "device": "cpu", "amp": "none", "world": 1}
+    checkpoint["state"]["resolved"] |= {"loader": "dali", "amp": "bfloat16"}  # as if it had run on a GPU box
+    torch.save(checkpoint, run / "last.pt")
+    refused = trainer("fit", data, run, "--resume", "--epochs", "2", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "loader dali -> torch, amp bfloat16 -> none" in refused.stderr
+
+
+def test_more_epochs_on_resume_train_on_at_the_floor_lr_without_a_jump(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer("fit", data, run, "--epochs", "2", "--warmup-epochs", "0", *TINY)
+    trainer("fit", data, run, "--resume", "--epochs", "3")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(lrs) == 3 and lrs[0] > lrs[1] > 0.01 * 0.01  # the schedule laid out for 2 epochs...
+    assert lrs[2] == pytest.approx(0.01 * 0.01)  # ...ends at its floor (--min-lr 0.01 x --lr 0.01) and stays there
+    assert torch.load(run / "last.pt", weights_only=True)["state"]["schedule_epochs"] == 2
+
+
+def test_norm_dataset_refuses_statistics_that_miss_copied_images(tmp_path: Path) -> None:
+    source = make_shapes(tmp_path / "src", per_class=6, size=64)
+    for jpeg in sorted(source.glob("*/*.jpg"))[::6]:  # one PNG per class: decoded; the JPEGs are copied
+        from PIL import Image
+
+        Image.open(jpeg).save(jpeg.with_suffix(".png"))
+        jpeg.unlink()
+    out = tmp_path / "shards"
+    assert run_cli("pack", source, out, "--verify", "header", "--workers", "0").exit_code == 0
+    norm = json.loads((out / "dataset.json").read_text())["normalization"]
+    assert (norm["images"], norm["of"]) == (4, 24)
+    refused = trainer("fit", out, tmp_path / "run", "--norm", "dataset", *TINY, check=False)
+    assert refused.returncode == 2 and "cover 4 of 24 images" in refused.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -96,7 +96,8 @@ def main() -> None:
 @click.argument("data")
 @click.argument("out", type=click.Path())
 @click.option("--config", "config_path", type=click.Path(), help="YAML file of options; flags override it.")
-@click.option("--resume", is_flag=True, help="Continue OUT's run exactly from OUT/last.pt.")
+@click.option("--resume", is_flag=True, help="Continue OUT's run exactly from OUT/last.pt (--epochs may change: "
+                                            "extra epochs run at the schedule's floor LR).")
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT that holds a run.")
 @fit_options
 def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: bool, **options: Any) -> None:
@@ -124,7 +125,20 @@ def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: b
         render_summary(summary, out)
 
 
-class EpochProgress:
+class Bars:
+    """A rich Progress on stderr, entered and left with its owner (one per command)."""
+
+    bar: Progress
+
+    def __enter__(self) -> Bars:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+
+class EpochProgress(Bars):
     """A rich bar per epoch phase and one line per finished epoch."""
 
     def __init__(self, enabled: bool) -> None:
@@ -134,13 +148,6 @@ class EpochProgress:
         self.enabled = enabled
         self.task: Any = None
         self.key: tuple[int, str] | None = None
-
-    def __enter__(self) -> EpochProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
 
     def update(self, epoch: int, step: Any) -> None:
         if self.key != (epoch, step.phase):
@@ -303,20 +310,13 @@ def export(ckpt: str, out: str, fmt: str, data: str, split: str, batch_size: int
                       f"(tolerance {parity['tolerance']:g})", markup=False)
 
 
-class BatchProgress:
+class BatchProgress(Bars):
     """One rich bar over batches."""
 
     def __init__(self, what: str) -> None:
         columns = [TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         self.bar = Progress(*columns, console=err, disable=not err.is_terminal)
         self.task: Any = None
-
-    def __enter__(self) -> BatchProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
 
     def update(self, done: int, total: int) -> None:
         if self.task is None:
@@ -388,20 +388,13 @@ def probe(data: str, as_json: bool, **options: Any) -> None:
     render_probe(result)
 
 
-class SplitProgress:
+class SplitProgress(Bars):
     """A rich bar per split while features are extracted."""
 
     def __init__(self) -> None:
         columns = [TextColumn("features {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         self.bar = Progress(*columns, console=err, disable=not err.is_terminal)
         self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> SplitProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
 
     def update(self, role: str, done: int, total: int) -> None:
         if role not in self.tasks:

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import FitConfig, write_yaml
-from trainer.data import Batch, Loader, LoaderSpec, make_loader
+from trainer.data import Batch, Loader, LoaderSpec, make_loader, resolve_backend
 from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
 from trainer.errors import ConfigError
@@ -45,6 +45,8 @@ class State:
     best_epoch: int = 0
     bad_epochs: int = 0
     partial: dict[str, float] = field(default_factory=dict)  # this epoch's TrainSums so far
+    schedule_epochs: int = 0  # the epochs the LR schedule was laid out for at the start (0: before this field)
+    resolved: dict[str, Any] = field(default_factory=dict)  # what auto settings became: loader, device, amp, world
 
 
 @dataclass
@@ -104,6 +106,10 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
         norm = dataset.normalization
         if "mean" not in norm:
             raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header)")
+        if norm.get("images") is not None and norm["images"] < norm["of"]:
+            raise ConfigError(f"--norm dataset: the manifest's mean/std cover {norm['images']:,} of {norm['of']:,} "
+                              f"images (--verify header copies the rest undecoded): use --norm model, or pack "
+                              "with --verify full")
         mean, std = tuple(norm["mean"]), tuple(norm["std"])
     train_size = config.image_size or model.input_size
     size = config.eval_image_size or train_size
@@ -171,7 +177,25 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
         run.ema = make_ema(model.module, config.ema_epochs * train.num_batches)
     if checkpoint is not None:
         restore(run, checkpoint)
+        check_resolved(run)
+    else:
+        run.state.schedule_epochs, run.state.resolved = config.epochs, resolved(run)
     return run
+
+
+def resolved(run: Run) -> dict[str, Any]:
+    """What the run's auto settings resolved to on this machine: a resume elsewhere must resolve the same."""
+    return {"loader": resolve_backend(run.config.loader, str(run.device)), "device": run.device.type,
+            "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world}
+
+
+def check_resolved(run: Run) -> None:
+    """--resume on another machine or launch must not switch loader, device, precision or ranks mid-run."""
+    then, now = run.state.resolved, resolved(run)
+    changed = [f"{k} {then[k]} -> {now[k]}" for k in then if then[k] != now.get(k)]
+    if changed:
+        raise ConfigError(f"--resume continues a run exactly, and here {', '.join(changed)}: resume where it "
+                          "ran (same loader, device, AMP and number of processes) or start a new OUT")
 
 
 def make_ema(module: nn.Module, steps: float) -> AveragedModel:
@@ -302,7 +326,9 @@ def wrapped(run: Run, frozen: bool) -> nn.Module:
 def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> TrainSums:
     config, state = run.config, run.state
     num_batches = run.train.num_batches
-    total, warmup = config.epochs * num_batches, round(config.warmup_epochs * num_batches)
+    # laid out once, at the start: a resume with more --epochs trains on at the floor LR, never jumps back up
+    total = (state.schedule_epochs or config.epochs) * num_batches
+    warmup = round(config.warmup_epochs * num_batches)
     unfrozen = config.freeze_epochs * num_batches  # the backbone's first step: its own warmup from here
     rewarm = round(config.unfreeze_warmup_epochs * num_batches) if config.freeze_epochs else 0
     sums = TrainSums(**state.partial) if state.partial else TrainSums()
