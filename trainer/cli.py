@@ -89,7 +89,7 @@ def fit_options(command: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="trainer")
 def main() -> None:
-    """Train, evaluate, predict and linear-probe from shardtool shards."""
+    """Train, evaluate, predict and linear-probe from shardtool shards; predict on image files, export, serve."""
 
 
 @main.command(cls=Command)
