@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shardtool import __version__
-from shardtool.config import CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
+from shardtool.config import MAX_PIXELS, CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
 from shardtool.errors import ShardtoolError
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
@@ -93,7 +93,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
               help="Decode/resize with DALI (on the GPU when CUDA is available) or PIL; auto: DALI on a GPU, "
                    "else the faster of the two on CPU (PIL, measured).")
 @click.option("--quality", default=90, show_default=True, help="JPEG quality when re-encoding.")
-@click.option("--max-pixels", default=89_478_485, show_default=True, help="Skip images with more pixels (bombs).")
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="Skip images with more pixels (bombs).")
 @click.option("--split", "split_text", default="", help="Held-out splits when SOURCE has none, e.g. val=0.1,test=0.1.")
 @click.option("--stratify", is_flag=True, help="Give every class its share of each split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split hash and of the shuffled order.")

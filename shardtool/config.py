@@ -18,6 +18,9 @@ BACKENDS = ("auto", "dali", "pil")
 ORDERS = ("shuffled", "source")  # see order.py
 
 
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit: pack's --max-pixels and trainer's default
+
+
 @dataclass(frozen=True)
 class Resize:
     """How images are resized: `none`, or a mode with a target size N (see parse_resize)."""
@@ -98,7 +101,7 @@ class PackConfig:
     verify: str = "full"
     backend: str = "auto"  # decode/resize: dali (GPU when present), pil, or auto (see process/dali.py)
     quality: int = 90
-    max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+    max_pixels: int = MAX_PIXELS
     split: dict[str, float] = field(default_factory=dict)
     stratify: bool = False
     seed: int = 0

@@ -4,7 +4,6 @@
     clothing_checkpoint: the same on 12 images per class of clothing-small's train folder (224 px), real
                          photos and class names; its predictions are far from perfect, which is fine:
                          the tests compare answers between paths, and read labels, not accuracy
-    serving:             trainer/serve/local.py's `trainer serve` child process
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
-from trainer.serve.local import serving  # noqa: F401  (the tests' server runner)
 
 
 @dataclass(frozen=True)

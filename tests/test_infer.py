@@ -190,3 +190,6 @@ def test_unreadable_checkpoint_and_missing_files_are_one_line_errors(shapes_mode
     assert done.returncode == 2 and "no file matches" in done.stderr
     done = trainer("export", shapes_model.ckpt, tmp_path / "m.onnx", "--format", "tflite")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    (tmp_path / "m.onnx").write_bytes(b"")
+    done = trainer("export", tmp_path / "m.onnx", tmp_path / "again.onnx")
+    assert done.returncode == 2 and "is already an export" in done.stderr

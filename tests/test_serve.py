@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.models import serving, trainer
+from tests.models import trainer
 from tests.test_infer import odd_versions
 from trainer.infer import Classifier
 from trainer.serve.app import ServeConfig, create_app
+from trainer.serve.local import serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -50,6 +50,8 @@ def export(ckpt: str, out: Path, fmt: str, *, data: str = "", split: str = "test
            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    if str(ckpt).endswith(".onnx"):
+        raise ConfigError(f"{ckpt} is already an export: export from the trainer checkpoint it came from")
     classifier = Classifier.load(ckpt, "cpu")
     module = Exported(classifier.logits).eval()
     size = classifier.preprocessing.image_size
@@ -137,16 +139,12 @@ def batches(classifier: Classifier, data: str, split: str, batch_size: int,
         yield "random", torch.randn(n, 3, size, size, generator=generator)
     if not data:
         return
-    from trainer.data import LoaderSpec
+    from trainer.data import eval_spec
     from trainer.data.torch import TorchLoader
     from trainer.dataset import open_dataset
 
     pre = classifier.preprocessing
-    dataset = open_dataset(data)
-    spec = LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=batch_size, image_size=pre.image_size,
-                      resize_size=pre.resize_shorter, mean=pre.mean, std=pre.std, train=False, labelled=False,
-                      workers=1)
-    loader = TorchLoader(spec)
+    loader = TorchLoader(eval_spec(tuple(open_dataset(data).shards(split)), pre, batch_size, labelled=False, workers=1))
     for index, raw in enumerate(loader.host_batches(0)):
         yield split, pre.normalize(raw["images"])
         if progress:

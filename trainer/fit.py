@@ -281,7 +281,7 @@ def start_from_probe(run: Run) -> None:
     barrier()
     head = load_checkpoint(folder / "probe.pt")["model"]
     run.model.module.load_state_dict(head)
-    if run.ema is not None:  # the average starts at LP-FT's starting point
+    if run.ema is not None:  # its copy now holds the starting point, which best.pt's epoch 0 saves below
         run.ema = make_ema(run.model.module, run.config.ema_epochs * run.train.num_batches)
     start = all_sum([start], run.device)[0]  # rank 0's figure on every rank: they judge epochs alike
     if not math.isnan(start):

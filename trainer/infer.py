@@ -25,13 +25,13 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shardtool.config import MAX_PIXELS
 from shardtool.process.checks import FORMATS, open_header
 from shardtool.process.pil import orientation, to_rgb
+from shardtool.readers.common import IMAGE_EXTS
 from trainer.errors import ConfigError
 
 ImageInput = Union[bytes, str, os.PathLike, Image.Image]
-MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit, as `shardtool pack --max-pixels`
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class BadImage(ValueError):
@@ -205,9 +205,9 @@ class Classifier:
         return cls(sidecar["classes"], preprocessing, run, model_name=sidecar["model"],
                    sha256=sidecar["checkpoint_sha256"], runtime="onnxruntime", class_entries=sidecar["class_entries"])
 
-    def prepare(self, image: ImageInput) -> torch.Tensor:
+    def prepare(self, image: ImageInput, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
         """uint8 3 x S x S, ready to stack into a batch; raises BadImage."""
-        return self.preprocessing.crop(read_image(image))
+        return self.preprocessing.crop(read_image(image, max_pixels))
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,5 +273,5 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
 
 def _walk(folder: str) -> list[str]:
     files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")]
+             if Path(name).suffix.lower() in IMAGE_EXTS and not name.startswith(".")]
     return sorted(files)

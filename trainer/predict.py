@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import check_classes, load_checkpoint
-from trainer.data import Batch, LoaderSpec, make_loader
+from trainer.data import Batch, LoaderSpec, eval_spec, make_loader
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.fit import make_amp, new_meter_for, resolve_device
 from trainer.infer import Preprocessing, Result
@@ -82,17 +82,15 @@ def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "") ->
     return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"])
 
 
-def eval_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
+def split_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
     pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
-    return LoaderSpec(shards=tuple(p.dataset.shards(split)), batch_size=batch_size, image_size=pre.image_size,
-                      resize_size=pre.resize_shorter, mean=pre.mean, std=pre.std, train=False,
-                      labelled=p.dataset.labelled(split), workers=workers, device=str(p.device),
-                      on_corrupt=p.checkpoint["config"]["on_corrupt"])
+    return eval_spec(tuple(p.dataset.shards(split)), pre, batch_size, labelled=p.dataset.labelled(split),
+                     workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"])
 
 
 def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int = 2,
                         loader: str = "auto") -> tuple[dict[str, Any], EvalMeter]:
-    spec = eval_spec(p, split, batch_size, workers)
+    spec = split_spec(p, split, batch_size, workers)
     batches = make_loader(spec, loader)
     meter = new_meter_for(p.dataset, p.device)
     amp = make_amp(p.amp, p.device)
@@ -132,7 +130,7 @@ class GroupMeans:
 def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size: int = 64, workers: int = 2,
                 loader: str = "auto") -> int:
     """Writes OUT; returns the number of rows."""
-    spec = eval_spec(p, split, batch_size, workers)
+    spec = split_spec(p, split, batch_size, workers)
     batches = make_loader(spec, loader)
     entries = p.checkpoint["class_entries"]
     names = [str(e.get("category_id", e["name"])) for e in entries]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from trainer.dataset import Shard
-from trainer.infer import eval_resize
+from trainer.infer import Preprocessing, eval_resize
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ class Loader(Protocol):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of EPOCH from START_BATCH on; the same order for the same seed, whatever the start."""
         ...
+
+
+def eval_spec(shards: tuple[Shard, ...], pre: Preprocessing, batch_size: int, **options: Any) -> LoaderSpec:
+    """The spec that reads SHARDS once, in order, through PRE's resize and centre crop (evaluate, predict,
+    export's parity check)."""
+    return LoaderSpec(shards=shards, batch_size=batch_size, image_size=pre.image_size, resize_size=pre.resize_shorter,
+                      mean=pre.mean, std=pre.std, train=False, **options)
 
 
 def make_loader(spec: LoaderSpec, backend: str) -> Loader:

@@ -32,7 +32,8 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer import __version__
-from trainer.infer import MAX_PIXELS, BadImage, Classifier, read_image
+from shardtool.config import MAX_PIXELS
+from trainer.infer import BadImage, Classifier
 from trainer.serve.batcher import Batcher
 
 STATIC = Path(__file__).parent / "static"
@@ -83,7 +84,7 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()) -> F
     async def predict(request: Request, k: int = Query(config.default_k, ge=1, le=1000)) -> JSONResponse:
         data = await read_upload(request)
         try:
-            image = await run_in_threadpool(prepare, classifier, data, config.max_pixels)
+            image = await run_in_threadpool(classifier.prepare, data, config.max_pixels)
         except BadImage as error:
             return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=STATUS[error.reason])
         probs = await batcher.submit(image)
@@ -96,13 +97,8 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()) -> F
 async def warm_up(app: FastAPI, classifier: Classifier, batcher: Batcher) -> None:
     """One inference through the real path before /health says 200 (first-call costs: allocation, kernels)."""
     size = classifier.preprocessing.resize_shorter
-    image = classifier.preprocessing.crop(read_image(Image.new("RGB", (size, size), (128, 128, 128))))
-    await batcher.submit(image)
+    await batcher.submit(classifier.prepare(Image.new("RGB", (size, size), (128, 128, 128))))
     app.state.ready = True
-
-
-def prepare(classifier: Classifier, data: bytes, max_pixels: int) -> torch.Tensor:
-    return classifier.preprocessing.crop(read_image(data, max_pixels))
 
 
 async def read_upload(request: Request) -> bytes:
