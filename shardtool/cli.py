@@ -163,6 +163,28 @@ def inspect(out: str, as_json: bool) -> None:
 
 @main.command(cls=Command)
 @click.argument("out", type=click.Path())
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False),
+              help="Plain tars: class names, one per line, line i naming label i [from .txt members, else the numbers].")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def index(out: str, classes_file: str | None, as_json: bool) -> None:
+    """Write the indexes other tools read (timm _info.json, wids {split}.wids.json, classes.txt) into OUT.
+
+    OUT packed by shardtool: rewritten from its dataset.json. OUT holding plain WebDataset tars written by
+    another tool (in OUT or in train/, val/ ... folders): each tar is read once for a DALI .idx, and a
+    dataset.json is written, so `trainer fit OUT` and every reader can use it.
+    """
+    from shardtool.index import index as run_index
+    from shardtool.index import summary
+
+    manifest = run_index(out, classes_file)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=1, ensure_ascii=False))
+    else:
+        console.print(f"indexed {out}: {summary(manifest)}", markup=False)
+
+
+@main.command(cls=Command)
+@click.argument("out", type=click.Path())
 @click.option("--decode", is_flag=True, help="Also decode every image in full.")
 def verify(out: str, decode: bool) -> None:
     """Re-hash the shards of OUT, check their .idx files and counts against the manifest."""

@@ -42,12 +42,14 @@ from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.readers import Reader, open_reader
 from shardtool.sample import Item, Sample, Skip
+from shardtool.sidecars import NAMES as SIDECAR_NAMES
+from shardtool.sidecars import write_sidecars
 from shardtool.sink import Run, SplitSink, encode_run
 from shardtool.splits import Resumed, Splitter, assign_splits, skip_done, unit_hash
 
 PARALLEL_SCAN_BYTES = 256 << 20  # auto: smaller dumps are scanned in-process (see _scan_in_workers)
 SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
-_OURS = re.compile(r"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{6}\.(tar|idx))(\.tmp)?")
+_OURS = re.compile(rf"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{{6}}\.(tar|idx)|{SIDECAR_NAMES.pattern})(\.tmp)?")
 
 
 @dataclass
@@ -243,7 +245,7 @@ def _scan_in_workers(workers: Workers, source_bytes: int) -> bool:
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,
            source: dict[str, Any], options: dict[str, Any], ignored: list[dict[str, str]]) -> dict[str, Any]:
-    """rejects.jsonl, the skip ceiling, then dataset.json last."""
+    """rejects.jsonl, the skip ceiling, the other tools' sidecars, then dataset.json last."""
     out = Path(config.out)
     with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
         for record in journal.records():
@@ -262,5 +264,6 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
     for stale in out.glob("*.tmp"):
         stale.unlink()
     journal.drop_spool()
+    write_sidecars(out, manifest)
     write_json_atomic(out / MANIFEST, manifest)
     return manifest

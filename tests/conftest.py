@@ -61,3 +61,13 @@ def clothing_model(tmp_path_factory: pytest.TempPathFactory):
     if root is None:
         pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
     return clothing_checkpoint(root, tmp_path_factory.mktemp("clothing-model"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Samples each outside reader read from our shards, per split: CI's log shows it without -s."""
+    from tests.readback import READBACK
+
+    if READBACK:
+        terminalreporter.section("shards read back by other tools (samples per split)")
+        for tool, splits in sorted(READBACK.items()):
+            terminalreporter.write_line(f"{tool}: " + ", ".join(f"{s} {n}" for s, n in splits.items()))

@@ -18,6 +18,7 @@ from PIL import Image
 
 from shardtool.cli import main
 from shardtool.synth import CLASSES
+from tests.readback import record_readback
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ def test_dali_reads_every_sample_through_our_index(packed, shapes, split):
     expected = source_labels(shapes)
 
     samples = read_with_dali(packed, split)
+    record_readback("dali fn.readers.webdataset", split, len(samples))
 
     assert len(samples) == manifest["splits"][split]["num_samples"]
     assert len({info["key"] for _, _, info in samples}) == len(samples)  # every sample once

@@ -130,5 +130,9 @@ def _read_text(path: str, data: str) -> str:
     if not Path(data).exists() and "{" not in data:
         raise ConfigError(f"{data} does not exist")
     if not Path(path).is_file():
+        folder = Path(path).parent
+        if any(folder.glob("*.tar")) or any(folder.glob("*/*.tar")):
+            raise ConfigError(f"{folder} holds tars but no {NAME}: run `shardtool index {folder}` once to index "
+                              "them (shards written by another tool)")
         raise ConfigError(f"{data} is not a shardtool output (no {NAME}); run shardtool pack first")
     return Path(path).read_text(encoding="utf-8")

@@ -105,7 +105,8 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
     if config.norm == "dataset":
         norm = dataset.normalization
         if "mean" not in norm:
-            raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header)")
+            raise ConfigError("--norm dataset: the manifest has no mean/std (packed with --verify header, or indexed "
+                              "from plain tars): use --norm model")
         if norm.get("images") is not None and norm["images"] < norm["of"]:
             raise ConfigError(f"--norm dataset: the manifest's mean/std cover {norm['images']:,} of {norm['of']:,} "
                               f"images (--verify header copies the rest undecoded): use --norm model, or pack "

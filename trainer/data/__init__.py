@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from trainer.dataset import Shard
+from trainer.errors import ConfigError
 from trainer.infer import Preprocessing, eval_resize
 
 
@@ -80,7 +82,12 @@ def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     if resolve_backend(backend, spec.device) == "dali":
         from trainer.data.dali import DaliLoader
 
-        return DaliLoader(spec)
+        if not has_json_members(spec.shards):  # tars written by another tool, indexed by `shardtool index`
+            if backend == "dali":
+                raise ConfigError("--loader dali reads each sample's key from its .json member, and these shards "
+                                  "have none (written by another tool): use --loader torch")
+        else:
+            return DaliLoader(spec)
     from trainer.data.torch import TorchLoader
 
     return TorchLoader(spec)
@@ -91,6 +98,16 @@ def resolve_backend(backend: str, device: str) -> str:
     if backend == "auto":
         return "dali" if device.startswith("cuda") and dali_available() else "torch"
     return backend
+
+
+def has_json_members(shards: tuple[Shard, ...]) -> bool:
+    """Whether samples carry a .json member, from the first line of the first local .idx (shards packed by
+    shardtool always do; a URL's are assumed to)."""
+    if not shards or not Path(shards[0].index_url).is_file():
+        return True
+    with open(shards[0].index_url, encoding="utf-8") as index:
+        index.readline()
+        return " json " in f" {index.readline()}"
 
 
 def dali_available() -> bool:
