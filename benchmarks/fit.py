@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 from itertools import islice, repeat
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import add_ratio, emit, gpu_name, row, timed_run, tool
+from trainer.host import ENV, keep_freed_memory
 
 CACHE = Path(__file__).parent / ".cache"
 WARMUP = 3
@@ -71,9 +75,32 @@ def measure(data: str, model: str, image_size: int, batch_size: int, steps: int,
                                num_batches=count, on_corrupt="fail", after_step=lambda step: None)
 
     epoch(WARMUP)
+    before, threads_before = resource.getrusage(resource.RUSAGE_SELF), thread_times()
     sums = epoch(steps)
+    after, threads_after = resource.getrusage(resource.RUSAGE_SELF), thread_times()
     total = sums.seconds + sums.data_seconds
-    return {"img_s": sums.seen / total, "data_wait": sums.data_seconds / total, "seen": sums.seen}
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    threads = {tid: [round(u - threads_before.get(tid, (0, 0))[0], 2), round(k - threads_before.get(tid, (0, 0))[1], 2)]
+               for tid, (u, k) in threads_after.items()}
+    return {"img_s": sums.seen / total, "data_wait": sums.data_seconds / total, "seen": sums.seen,
+            "kernel_share": system / max(user + system, 1e-9), "cpu_s_per_step": (user + system) / steps,
+            "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+            "switches_per_step": (after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw) / steps,
+            "threads_user_sys_s": {t: v for t, v in threads.items() if sum(v) >= 0.05}}
+
+
+def thread_times() -> dict[str, tuple[float, float]]:
+    """Per thread of this process: (user, system) CPU seconds, from /proc/self/task/*/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        times[f"{name}/{task.name}"] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return times
 
 
 def child_argv(args: argparse.Namespace, phase: str, source: str) -> list[str]:
@@ -82,10 +109,10 @@ def child_argv(args: argparse.Namespace, phase: str, source: str) -> list[str]:
             "--steps", str(args.steps), "--device", args.device]
 
 
-def run_child(argv: list[str]) -> tuple[dict[str, float], float]:
-    """The figures the child wrote to --child-out, and its peak RSS."""
+def run_child(argv: list[str], malloc: str) -> tuple[dict[str, float], float]:
+    """The figures the child wrote to --child-out, and its peak RSS (workers included)."""
     out = Path(tempfile.mkstemp(prefix="bench-fit-", suffix=".json")[1])
-    _, rss = timed_run(argv + ["--child-out", str(out)])
+    _, rss = timed_run(argv + ["--child-out", str(out)], env={ENV: malloc})
     figures = json.loads(out.read_text())
     out.unlink()
     return figures, rss
@@ -101,27 +128,48 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--phases", default="frozen,finetune")
     parser.add_argument("--device", default="cuda" if gpu_name() else "cpu")
+    parser.add_argument("--malloc", default="system,keep",
+                        help="glibc settings to compare: system (its defaults) and/or keep (trainer/host.py)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("PHASE", "SOURCE"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        keep_freed_memory()  # as the trainer's CLI does at start (TRAINER_MALLOC=system: glibc's defaults)
         figures = measure(str(args.data), args.model, args.image_size, args.batch_size, args.steps, *args.child,
                           device=args.device)
         args.child_out.write_text(json.dumps(figures))
         return
     args.data = args.data or default_data()
     results = []
+    mallocs = args.malloc.split(",")
     for phase in args.phases.split(","):
-        for source in ("synthetic", "real"):
-            runs = [run_child(child_argv(args, phase, source)) for _ in range(args.repeats)]
-            results.append(row(f"{phase}-{source}", [f["img_s"] for f, _ in runs], [rss for _, rss in runs],
-                               phase=phase, data_wait=sorted(f["data_wait"] for f, _ in runs)[len(runs) // 2]))
-        add_ratio([r for r in results if r["phase"] == phase], "vs_compute_only", f"{phase}-synthetic")
+        rows = [(source, malloc) for source in ("synthetic", "real") for malloc in mallocs]
+        runs: dict[tuple[str, str], list[tuple[dict[str, Any], float]]] = {r: [] for r in rows}
+        for _ in range(args.repeats):  # rows alternate, so a slow spell of the machine hits them alike
+            for source, malloc in rows:
+                runs[source, malloc].append(run_child(child_argv(args, phase, source), malloc))
+        for (source, malloc), done in runs.items():
+            median = {k: statistics.median(f[k] for f, _ in done)
+                      for k in ("data_wait", "kernel_share", "faults_per_step", "switches_per_step", "cpu_s_per_step")}
+            results.append(row(f"{phase}-{source}-malloc-{malloc}", [f["img_s"] for f, _ in done],
+                               [rss for _, rss in done], phase=phase, source=source, malloc=malloc, **median,
+                               threads_user_sys_s=[f["threads_user_sys_s"] for f, _ in done]))
+        add_ratio([r for r in results if r["phase"] == phase], "vs_compute_only",
+                  f"{phase}-synthetic-malloc-{mallocs[-1]}")
+        add_ratio([r for r in results if r["phase"] == phase], "vs_first_row", results[-len(rows)]["name"])
     settings = {"data": str(args.data), "model": args.model, "image_size": args.image_size,
                 "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
-                "device": args.device, "loader": "torch", "workers": 2}
-    emit("fit", settings, results, ["name", "img_s", "vs_compute_only", "data_wait", "peak_rss_mb"], args.json)
+                "device": args.device, "loader": "torch", "workers": 2, "malloc": mallocs,
+                "torch_threads": _torch_threads()}
+    emit("fit", settings, results, ["name", "img_s", "vs_compute_only", "data_wait", "kernel_share",
+                                    "faults_per_step", "switches_per_step", "peak_rss_mb"], args.json)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def fit_options(command: Any) -> Any:
 @click.version_option(__version__, prog_name="trainer")
 def main() -> None:
     """Train, evaluate, predict and linear-probe from shardtool shards; predict on image files, export, serve."""
+    from trainer.host import keep_freed_memory
+
+    keep_freed_memory()  # freed activations stay in the process (trainer/host.py; TRAINER_MALLOC=system: off)
 
 
 @main.command(cls=Command)
