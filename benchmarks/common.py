@@ -4,7 +4,10 @@ Every script writes results/<name>.json:
 
     {"benchmark": name, "machine": {...versions...}, "settings": {...},
      "results": [{"name": ..., "img_s": median, "peak_rss_mb": max, "img_s_stats": {min, median, max},
-                  "peak_rss_mb_stats": {...}, ...extra columns}]}
+                  "peak_rss_mb_stats": {...}, ...extra columns}], "memory_measure": MEMORY_MEASURE}
+
+peak_rss_mb is the whole process tree's peak (timed_run: workers, forkservers and all), since 2026-12-02;
+results without "memory_measure" measured the largest single process only (wait4), and say so in the README.
 
 and results/<name>.md (the markdown table); benchmarks/report.py renders them all into RESULTS.md.
 """
@@ -17,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -99,15 +103,65 @@ def other_venv() -> tuple[Path | None, str]:
 
 
 def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB of the largest process it started) for one subprocess run."""
+    """(wall seconds, peak memory in MB of the whole process tree) for one subprocess run.
+
+    Memory is the larger of two figures: the tree's proportional set size (PSS: each shared page split
+    between the processes sharing it, so forked workers' copy-on-write pages count once), summed over the
+    command and every process it started (forkservers and DataLoader workers included) and sampled every
+    SAMPLE_S; and the peak RSS of its largest single process (wait4, which catches a peak between samples)."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command never blocks on a full pipe
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors,
                                env=None if env is None else os.environ | env)
-    _, status, usage = os.wait4(process.pid, 0)
+    tree_kb = 0
+    while True:  # wait4 (not Popen.poll, which would reap the child and lose its rusage)
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        tree_kb = max(tree_kb, tree_pss_kb(process.pid))
+        time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"benchmark command failed: {' '.join(argv)}\n{process.stderr.read().decode()}")  # type: ignore[union-attr]
-    return seconds, usage.ru_maxrss / 1024  # Linux: max over the child and its reaped descendants
+        errors.seek(0)
+        sys.exit(f"benchmark command failed: {' '.join(argv)}\n{errors.read().decode(errors='replace')[-4000:]}")
+    process.returncode = os.waitstatus_to_exitcode(status)
+    errors.close()
+    return seconds, max(tree_kb, usage.ru_maxrss) / 1024  # ru_maxrss: kB on Linux
+
+
+SAMPLE_S = 0.05
+MEMORY_MEASURE = (f"peak_rss_mb: the whole process tree, the larger of its summed PSS sampled every {SAMPLE_S} s "
+                  "and its largest process's peak RSS (wait4)")
+
+
+def tree_pss_kb(root: int) -> int:
+    """Sum of PSS (kB) over ROOT and all its descendants now (RSS where smaps_rollup is unreadable)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += _pss_kb(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    todo += [int(c) for c in children.read().split()]
+        except OSError:
+            continue
+    return total
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except OSError:
+        return 0
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -135,7 +189,7 @@ def write(name: str, settings: dict[str, Any], results: list[dict[str, Any]], co
     """Write results/<name>.json and .md; returns the markdown table. NOTES: rows not measured and why."""
     RESULTS.mkdir(exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), "settings": settings, "results": results,
-               "notes": notes or []}
+               "notes": notes or [], "memory_measure": MEMORY_MEASURE}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for result in results:

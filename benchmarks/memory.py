@@ -8,7 +8,7 @@ At each size, on generated data:
   (trainer.data.make_loader(LoaderSpec(...), "torch") as trainer/fit.py builds it, with the trainer's
   defaults: batch 32, 2 DataLoader workers, shuffle buffer 1000, RandomResizedCrop + flip) at
   image_size 32; it checks that the epoch yielded every sample.
-Each measurement runs in its own subprocess; peak RSS is of its largest process (common.timed_run).
+Each measurement runs in its own subprocess; peak memory is of its whole process tree (common.timed_run).
 rss_vs_smallest is each row's peak RSS over the smallest size's, per kind.
 
 The data is a synthetic BSON dump in Cdiscount's layout ({_id, imgs: [{picture}], category_id}, one
