@@ -28,6 +28,7 @@ from typing import Any
 
 # Where results/*.json go; tests point it elsewhere so a smoke run never overwrites the measured ones.
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
+REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(__file__).parent / ".cache"  # data, converted copies and the other virtualenv (gitignored)
 OTHER_VENV = CACHE / "venv-others"
 # What the alternatives need that must not enter our environment: mosaicml-streaming pins numpy < 2.2,
@@ -108,7 +109,8 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
     Memory is the larger of two figures: the tree's proportional set size (PSS: each shared page split
     between the processes sharing it, so forked workers' copy-on-write pages count once), summed over the
     command and every process it started (forkservers and DataLoader workers included) and sampled every
-    SAMPLE_S; and the peak RSS of its largest single process (wait4, which catches a peak between samples)."""
+    at most every SAMPLE_S (less often when a sample is slow: the sampling stays under 5% of one core,
+    not to slow what it measures); and the peak RSS of its largest single process (wait4, which catches a peak between samples)."""
     start = time.perf_counter()
     errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command never blocks on a full pipe
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors,
@@ -118,8 +120,10 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
+        began = time.perf_counter()
         tree_kb = max(tree_kb, tree_pss_kb(process.pid))
-        time.sleep(SAMPLE_S)
+        # reading smaps_rollup walks page tables (~10 ms for a 3 GB process): sampling stays under 5% of a core
+        time.sleep(max(SAMPLE_S, 20 * (time.perf_counter() - began)))
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         errors.seek(0)
@@ -129,8 +133,9 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
     return seconds, max(tree_kb, usage.ru_maxrss) / 1024  # ru_maxrss: kB on Linux
 
 
-SAMPLE_S = 0.05
+SAMPLE_S = 0.1
 MEMORY_MEASURE = (f"peak_rss_mb: the whole process tree, the larger of its summed PSS sampled every {SAMPLE_S} s "
+                  "or less often (the sampler stays under 5% of a core) "
                   "and its largest process's peak RSS (wait4)")
 
 
@@ -162,6 +167,12 @@ def _pss_kb(pid: int) -> int:
             return int(statm.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
     except OSError:
         return 0
+
+
+def rel(path: str | os.PathLike[str]) -> str:
+    """PATH as results record it: relative to the repository (../shared/... for the shared data), never this
+    machine's absolute path."""
+    return os.path.relpath(Path(path).resolve(), REPO)
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -27,7 +27,7 @@ from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, gpu_name, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, gpu_name, rel, row, timed_run, tool
 from trainer.host import ENV, keep_freed_memory
 
 CACHE = Path(__file__).parent / ".cache"
@@ -158,7 +158,7 @@ def main() -> None:
         add_ratio([r for r in results if r["phase"] == phase], "vs_compute_only",
                   f"{phase}-synthetic-malloc-{mallocs[-1]}")
         add_ratio([r for r in results if r["phase"] == phase], "vs_first_row", results[-len(rows)]["name"])
-    settings = {"data": str(args.data), "model": args.model, "image_size": args.image_size,
+    settings = {"data": rel(args.data), "model": args.model, "image_size": args.image_size,
                 "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
                 "device": args.device, "loader": "torch", "workers": 2, "malloc": mallocs,
                 "torch_threads": _torch_threads()}
