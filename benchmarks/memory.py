@@ -1,6 +1,6 @@
 """Peak RSS of `shardtool pack` and of one torch-loader epoch at growing dataset sizes: memory must not grow with the data.
 
-    python -m benchmarks.memory [--sizes 10000,100000] [--json]      # the must-show: --sizes 10000,100000,1000000
+    python -m benchmarks.memory [--sizes 10000,100000] [--repeats 3] [--json]      # the must-show: --sizes 10000,100000,1000000
 
 At each size, on generated data:
 - `pack N`: `shardtool pack dump.bson OUT --verify header` (default --workers auto), passthrough;
@@ -27,6 +27,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -85,19 +86,21 @@ def make_dump(path: Path, products: int) -> None:
         pool.submit(write_dump, path, products).result()
 
 
-def measure_size(work: Path, size: int) -> list[dict[str, Any]]:
-    """Pack then one loader epoch at SIZE samples; the dump and the shards are deleted after."""
+def measure_size(work: Path, size: int, repeats: int) -> list[dict[str, Any]]:
+    """Pack then one loader epoch at SIZE samples, REPEATS times each (the pack rewritten from scratch);
+    the dump and the shards are deleted after."""
     dump, out = work / f"dump-{size}.bson", work / f"out-{size}"
     make_dump(dump, size)
     timed_run(["cat", str(dump)])  # warm the page cache
-    seconds, rss = timed_run([tool("shardtool"), "pack", str(dump), str(out), "--verify", "header", "--overwrite"])
-    pack = row(f"pack {size:,}", [size / seconds], [rss], kind="pack", samples=size, seconds=round(seconds, 1))
+    packs, epochs = [], []
+    for _ in range(repeats):
+        packs.append(timed_run([tool("shardtool"), "pack", str(dump), str(out), "--verify", "header", "--overwrite"]))
+        epochs.append(timed_run([sys.executable, "-c", LOADER_EPOCH, str(out), str(IMAGE_SIZE)]))
     dump.unlink()
-    seconds, rss = timed_run([sys.executable, "-c", LOADER_EPOCH, str(out), str(IMAGE_SIZE)])
-    epoch = row(f"loader-epoch {size:,}", [size / seconds], [rss], kind="loader-epoch", samples=size,
-                seconds=round(seconds, 1))
     shutil.rmtree(out)
-    return [pack, epoch]
+    return [row(f"{kind} {size:,}", [size / seconds for seconds, _ in runs], [rss for _, rss in runs], kind=kind,
+                samples=size, seconds=round(statistics.median(seconds for seconds, _ in runs), 1))
+            for kind, runs in (("pack", packs), ("loader-epoch", epochs))]
 
 
 def add_growth(results: list[dict[str, Any]]) -> None:
@@ -120,19 +123,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000", help="samples, comma-separated")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),
                         help="where dumps and shards are written (and deleted); 1M samples need ~5 GB")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement per size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.work))
     try:
-        results = [r for size in sizes for r in measure_size(work, size)]
+        results = [r for size in sizes for r in measure_size(work, size, args.repeats)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results.sort(key=lambda r: (r["kind"] != "pack", r["samples"]))
     add_growth(results)
     notes = [f"loader-epoch: {import_floor():.0f} MB of its peak RSS is importing torch and torchvision "
              "(a process that only imports trainer.data.torch); growth_mb is the change from the smallest size"]
-    settings = {"sizes": sizes, "data": f"synthetic BSON, 1 picture/product, pool of {POOL} {SIDE}x{SIDE} JPEGs",
+    settings = {"sizes": sizes, "repeats": args.repeats, "data": f"synthetic BSON, 1 picture/product, pool of {POOL} {SIDE}x{SIDE} JPEGs",
                 "pack": "--verify header, --workers auto", "loader": f"torch, image_size {IMAGE_SIZE}, batch 32, "
                 "2 workers, shuffle buffer 1000, train=True"}
     emit("memory", settings, results, ["name", "img_s", "seconds", "peak_rss_mb", "rss_vs_smallest", "growth_mb"],

@@ -13,10 +13,13 @@ SOURCE is a class-folder dataset (default: $SHARDTOOL_REAL_DATA/clothing-small, 
   1000 samples per shard, one process per core; run from benchmarks/.cache/venv-others
   (common.other_venv, made on first use: it pins webdataset 0.2, which our loader must not get);
 - hand-loop: one process that opens, converts to RGB, resizes the shorter side to SIZE and saves a JPEG
-  per file, as people write it (no validation, no shards, no statistics).
+  per file, as people write it (no validation, no shards, no statistics);
+- hand-loop-pool: the same function over a multiprocessing Pool, one process per core, as people
+  parallelise it: the baseline with as many cores as ours (vs_hand_loop_pool).
 
-Warm page cache (one untimed read first). images/s is the median of --repeats; peak RSS is of the
-largest process; out_mb is everything the run wrote; vs_hand_loop is the ratio of medians.
+Warm page cache (one untimed read first). Rows alternate round by round. images/s is the median of
+--repeats; peak memory is the whole process tree's (common.timed_run: workers included); out_mb is
+everything the run wrote; vs_hand_loop(_pool) is the ratio of medians.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, other_venv, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, other_venv, rel, row, timed_run, tool
 
 HAND_LOOP = """
 import sys
@@ -47,6 +50,25 @@ for path in sorted(src.rglob("*.jpg")):
     target = dst / path.relative_to(src)
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target, quality=90)
+"""
+HAND_POOL = """
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+from PIL import Image
+src, dst, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+def convert(path):
+    image = Image.open(path).convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    target = dst / path.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target, quality=90)
+
+if __name__ == "__main__":
+    with Pool() as pool:  # one process per core
+        pool.map(convert, sorted(src.rglob("*.jpg")), chunksize=16)
 """
 I2D_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}  # offline: no update check, no wandb
 
@@ -125,6 +147,8 @@ def runs(source: Path, size: int, urls: Path, cores: int) -> tuple[list[tuple[st
         notes.append(f"img2dataset: not measured, {why_not}")
     hand = [sys.executable, "-c", HAND_LOOP, str(source)]
     rows.append(("hand-loop", lambda out: [*hand, str(out), str(size)], None))
+    pool = [sys.executable, "-c", HAND_POOL, str(source)]
+    rows.append(("hand-loop-pool", lambda out: [*pool, str(out), str(size)], None))
     return rows, notes
 
 
@@ -157,13 +181,17 @@ def main() -> None:
     try:
         rows, notes = runs(args.source, args.size, url_list(photos, args.source, work), cores)
         timed_run(["cat", *map(str, photos)])  # warm the page cache
-        results = [measure(name, argv, work / "out", len(photos), args.repeats, env) for name, argv, env in rows]
+        # rows alternate round by round; img2dataset's offline settings are harmless to the others
+        results = measure_rounds([(name, argv) for name, argv, _ in rows], work / "out", len(photos), args.repeats,
+                                 I2D_ENV)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    add_ratio(results, "vs_hand_loop_pool", "hand-loop-pool")
     add_ratio(results, "vs_hand_loop", "hand-loop")
-    settings = {"source": str(args.source), "images": len(photos), "repeats": args.repeats, "size": args.size,
+    settings = {"source": rel(args.source), "images": len(photos), "repeats": args.repeats, "size": args.size,
                 "cores": cores, "dali": dali_version()}
-    emit("pack", settings, results, ["name", "img_s", "vs_hand_loop", "peak_rss_mb", "out_mb"], args.json, notes)
+    emit("pack", settings, results, ["name", "img_s", "vs_hand_loop_pool", "vs_hand_loop", "peak_rss_mb", "out_mb"],
+         args.json, notes)
 
 
 if __name__ == "__main__":

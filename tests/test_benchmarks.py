@@ -27,11 +27,11 @@ def test_pack_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     written = json.loads((tmp_path / "results" / "pack.json").read_text())
     rows = {r["name"]: r for r in written["results"]}
     names = {"shardtool-pil-resize", "shardtool-pil-passthrough", "shardtool-dali-resize",
-             "shardtool-dali-passthrough", "img2dataset", "hand-loop"}
+             "shardtool-dali-passthrough", "img2dataset", "hand-loop", "hand-loop-pool"}
     left_out = {name for name in names for note in written["notes"] if name.startswith(note.split(":")[0].rstrip("*"))}
     assert set(rows) == names - left_out  # a row not measured (DALI or img2dataset missing) is a note
-    assert {"shardtool-pil-resize", "shardtool-pil-passthrough", "hand-loop"} <= set(rows)
-    assert rows["hand-loop"]["vs_hand_loop"] == 1.0
+    assert {"shardtool-pil-resize", "shardtool-pil-passthrough", "hand-loop", "hand-loop-pool"} <= set(rows)
+    assert rows["hand-loop-pool"]["out_mb"] == rows["hand-loop"]["out_mb"]  # the same files, in 2 processes
     assert all(r["out_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
     assert written["settings"]["images"] == 12
 
