@@ -1,19 +1,20 @@
 """Host memory: keep freed activation memory in the process instead of handing it back to the kernel.
 
 A CPU training step allocates and frees the same large activation buffers every step. glibc's malloc
-serves blocks above its mmap threshold (at most 32 MB, and every EfficientNet-Lite0 activation at batch
-32 and 224 px is above its starting 128 kB) with a fresh mmap and returns them with munmap when freed, so
-every step faults every page of them in again, zero-filled by the kernel: tens of thousands of minor
-page faults per second and a third of the training process's CPU time in the kernel (issue 21;
-benchmarks/fit.py measures it). Two mallopt settings stop that, with no change to any result:
+serves a block above its mmap threshold (128 kB at start, rising to at most 32 MB as blocks are freed;
+EfficientNet-Lite0's largest activations at batch 32 and 224 px are ~50 MB) with a fresh mmap and
+returns it with munmap when freed, so every step faults those pages in again, zero-filled by the
+kernel: ~130,000 minor page faults per step and 28-30% of the training process's CPU time in the kernel
+in frozen-backbone steps here (issue 21; benchmarks/fit.py measures it). Two mallopt settings stop that,
+with no change to any result:
 
 - M_MMAP_MAX 0: no block is served by mmap, so freed blocks go back to malloc's free lists, and
 - M_TRIM_THRESHOLD 1 GiB: free memory at the top of the heap is not trimmed back to the kernel
   until more than that is free.
 
-The price is that memory freed after the peak stays with the process (its peak RSS does not grow;
-it just does not shrink). jemalloc or tcmalloc (LD_PRELOAD) do the same job where they are installed;
-this needs nothing installed. Set TRAINER_MALLOC=system to keep glibc's defaults. Not glibc (musl,
+The price: freed memory stays with the process, and its peak grows (by 150-400 MB in benchmarks/fit.py;
+our reading: a reused heap fragments where fresh mappings do not). jemalloc or tcmalloc (LD_PRELOAD) do
+the same job where they are installed; this needs nothing installed. Set TRAINER_MALLOC=system to keep glibc's defaults. Not glibc (musl,
 macOS, Windows): nothing is changed.
 """
 
