@@ -135,9 +135,9 @@ def main() -> None:
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        keep_freed_memory()  # as the trainer's CLI does at start (TRAINER_MALLOC=system: glibc's defaults)
+        applied = keep_freed_memory()  # as the trainer's CLI does at start (TRAINER_MALLOC=system: glibc's defaults)
         figures = measure(str(args.data), args.model, args.image_size, args.batch_size, args.steps, *args.child,
-                          device=args.device)
+                          device=args.device) | {"malloc_applied": applied}
         args.child_out.write_text(json.dumps(figures))
         return
     args.data = args.data or default_data()
@@ -153,7 +153,8 @@ def main() -> None:
             median = {k: statistics.median(f[k] for f, _ in done)
                       for k in ("data_wait", "kernel_share", "faults_per_step", "switches_per_step", "cpu_s_per_step")}
             results.append(row(f"{phase}-{source}-malloc-{malloc}", [f["img_s"] for f, _ in done],
-                               [rss for _, rss in done], phase=phase, source=source, malloc=malloc, **median,
+                               [rss for _, rss in done], phase=phase, source=source, malloc=malloc,
+                               malloc_applied=all(f["malloc_applied"] for f, _ in done), **median,
                                threads_user_sys_s=[f["threads_user_sys_s"] for f, _ in done]))
         add_ratio([r for r in results if r["phase"] == phase], "vs_compute_only",
                   f"{phase}-synthetic-malloc-{mallocs[-1]}")

@@ -29,14 +29,17 @@ def test_fit_benchmark_compares_real_batches_with_the_compute_only_ceiling(tmp_p
                       "32", "--batch-size", "8", "--steps", "3", "--repeats", "1", "--json", results=results)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
-    assert [r["name"] for r in printed["results"]] == ["frozen-synthetic", "frozen-real", "finetune-synthetic",
-                                                       "finetune-real"]
+    names = [f"{phase}-{source}-malloc-{malloc}" for phase in ("frozen", "finetune") for source in ("synthetic", "real")
+             for malloc in ("system", "keep")]
+    assert [r["name"] for r in printed["results"]] == names
     for row in printed["results"]:
         assert row["img_s"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_rss_mb"] > 0
-        assert row["img_s_stats"]["min"] <= row["img_s"] <= row["img_s_stats"]["max"]
-    assert {r["name"]: r["vs_compute_only"] for r in printed["results"]}["finetune-synthetic"] == 1.0
+        assert 0 <= row["kernel_share"] <= 1 and row["faults_per_step"] >= 0 and row["cpu_s_per_step"] > 0
+        assert row["malloc_applied"] == (row["malloc"] == "keep")  # the setting reached the measured process
     written = json.loads((results / "fit.json").read_text())
     assert written["results"] == printed["results"] and written["machine"]["cpus"] == os.cpu_count()
+    assert written["settings"]["data"] == os.path.relpath(tmp_path / "shards", ROOT)  # no absolute path of this machine
+    assert "whole process tree" in written["memory_measure"]
     assert (results / "fit.md").read_text().startswith("| name | img_s |")
 
 
