@@ -38,22 +38,8 @@ from typing import Any
 
 from benchmarks.common import add_ratio, emit, other_venv, rel, row, timed_run, tool
 
-HAND_LOOP = """
+CONVERT = """
 import sys
-from pathlib import Path
-from PIL import Image
-src, dst, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-for path in sorted(src.rglob("*.jpg")):
-    image = Image.open(path).convert("RGB")
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    target = dst / path.relative_to(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target, quality=90)
-"""
-HAND_POOL = """
-import sys
-from multiprocessing import Pool
 from pathlib import Path
 from PIL import Image
 src, dst, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -65,8 +51,15 @@ def convert(path):
     target = dst / path.relative_to(src)
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target, quality=90)
-
+"""
+HAND_LOOP = CONVERT + """
+for path in sorted(src.rglob("*.jpg")):
+    convert(path)
+"""
+HAND_POOL = CONVERT + """
 if __name__ == "__main__":
+    from multiprocessing import Pool
+
     with Pool() as pool:  # one process per core
         pool.map(convert, sorted(src.rglob("*.jpg")), chunksize=16)
 """

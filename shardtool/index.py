@@ -28,7 +28,7 @@ from typing import Any
 
 from shardtool import __version__
 from shardtool.errors import ConfigError
-from shardtool.manifest import FORMAT, NAME, VERSION, write_json_atomic
+from shardtool.manifest import FORMAT, NAME, VERSION, split_order, write_json_atomic, write_text_atomic
 from shardtool.sidecars import write_sidecars
 from shardtool.tario import IDX_VERSION
 
@@ -68,14 +68,14 @@ def index(out: str, classes_file: str | None = None) -> dict[str, Any]:
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 if not (root / shard["index"]).is_file():
-                    _write_idx(root / shard["index"], scan_tar(root, shard["name"]).index)
+                    write_text_atomic(root / shard["index"], scan_tar(root, shard["name"]).index)
         write_sidecars(root, manifest)
         return manifest
     tars = find_tars(root)
     scans = [scan_tar(root, name) for name in tars]
     manifest = manifest_from(root, scans, classes_file)
     for scan in scans:
-        _write_idx(root / _idx_name(scan.name), scan.index)
+        write_text_atomic(root / _idx_name(scan.name), scan.index)
     write_sidecars(root, manifest)
     write_json_atomic(root / NAME, manifest)  # last: a folder without it is not indexed
     return manifest
@@ -132,7 +132,7 @@ def scan_tar(root: Path, name: str) -> TarScan:
             if any(c.isspace() for c in member):
                 raise ConfigError(f"{name}: member {member!r} has whitespace in its name, which DALI's .idx "
                                   "cannot hold")
-        label = next((data for ext, _, _, _, data in _labels(members)), None)
+        label = next((data for ext, _, _, _, data in members if ext == "cls"), None)
         if label is None:
             scan.unlabelled += 1
             scan.first_unlabelled = scan.first_unlabelled or key
@@ -141,7 +141,8 @@ def scan_tar(root: Path, name: str) -> TarScan:
             if not re.fullmatch(r"\d+", value):
                 raise ConfigError(f"{name}: sample {key} has .cls {value[:40]!r}, not a class number")
             scan.labels[int(value)] += 1
-            text = next((data for ext, _, _, _, data in _texts(members)), None)
+            text = next((data for ext, _, _, _, data in members
+                         if ext == "txt" and data is not None and len(data) <= MAX_TEXT_NAME), None)
             if text is not None:
                 scan.texts.setdefault(int(value), set()).add(text.decode("utf-8", "replace").strip())
         lines.append(" ".join(f"{ext} {offset} {size} {member}" for ext, offset, size, member, _ in members) + "\n")
@@ -176,14 +177,6 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[Member]]]:
         yield key, members  # type: ignore[misc]
 
 
-def _labels(members: list[Member]) -> Iterator[Member]:
-    return (m for m in members if m[0] == "cls")
-
-
-def _texts(members: list[Member]) -> Iterator[Member]:
-    return (m for m in members if m[0] == "txt" and m[4] is not None and len(m[4]) <= MAX_TEXT_NAME)
-
-
 def manifest_from(root: Path, scans: list[TarScan], classes_file: str | None) -> dict[str, Any]:
     labelled = [s for s in scans if s.labels]
     if labelled and (partial := next((s for s in scans if s.unlabelled), None)):
@@ -208,14 +201,11 @@ def manifest_from(root: Path, scans: list[TarScan], classes_file: str | None) ->
         "format": FORMAT, "version": VERSION, "created_by": f"shardtool {__version__} index",
         "source": {"path": str(root), "format": "webdataset", "members": sorted(set().union(*(s.members for s in scans)))},
         "classes": [{"index": i, "name": name} for i, name in enumerate(names)],
-        "splits": dict(sorted(splits.items(), key=lambda item: _SPLIT_ORDER.get(item[0], 3))),
+        "splits": dict(sorted(splits.items(), key=split_order)),
         "normalization": {"from": []},
         "report": {"seen": total, "written": total, "skipped": 0, "skips": {}, "ignored": {"count": 0, "examples": []}},
         "options": {"indexed": True, "classes": classes_file},
     }
-
-
-_SPLIT_ORDER = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}
 
 
 def _class_names(labels: Counter[int], scans: list[TarScan], classes_file: str | None) -> list[str]:
@@ -243,12 +233,6 @@ def _class_names(labels: Counter[int], scans: list[TarScan], classes_file: str |
 
 def _idx_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx"
-
-
-def _write_idx(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class _Hashing:

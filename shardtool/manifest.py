@@ -124,7 +124,7 @@ def build_manifest(records: Iterable[dict[str, Any]], classes: list[dict[str, An
             _merge(report, skip_report(skips))
             skips.clear()
     _merge(report, skip_report(skips))
-    splits = {name: t.entry(len(classes)) for name, t in sorted(totals.items(), key=_split_order)}
+    splits = {name: t.entry(len(classes)) for name, t in sorted(totals.items(), key=split_order)}
     splits = {name: entry for name, entry in splits.items() if entry["num_samples"]}
     written = sum(s["num_samples"] for s in splits.values())
     skipped = sum(entry["count"] for entry in report.values())
@@ -161,12 +161,20 @@ def _merge(report: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -
         mine["examples"] = (mine["examples"] + entry["examples"])[:EXAMPLES_PER_REASON]
 
 
-def _split_order(item: tuple[str, Any]) -> tuple[int, str]:
-    order = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
-    return order.get(item[0], 3), item[0]
+SPLIT_ORDER = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}
+
+
+def split_order(item: tuple[str, Any]) -> tuple[int, str]:
+    """Sort key of (split name, ...): train, then val, then test, then the rest by name."""
+    return SPLIT_ORDER.get(item[0], 3), item[0]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """PATH gets TEXT whole or not at all (tmp file, then os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -9,8 +9,8 @@ dataset.json stays the one source of truth: these files are rewritten from it by
 | `{split}.wids.json` | `wids.ShardListDataset(OUT/train.wids.json)`: random access by sample index (`wids-shard-index-v1`, relative urls) |
 | `classes.txt` | one class name per line, line i naming class i (timm's `--class-map` format; any tool's label names) |
 
-The layouts are those the tools' own writers produce (timm's `_info.json` as its ImageNet shards ship it,
-`widsindex create`'s shard index); tests/test_interop.py reads our output with each tool, unchanged.
+The layouts are those timm's reader (timm/data/readers/reader_wds.py) and wids' index loader parse;
+tests/test_interop.py reads our output with each tool, unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from shardtool.manifest import write_text_atomic
 
 TIMM_INFO = "_info.json"
 CLASSES = "classes.txt"
@@ -69,9 +71,7 @@ def write_sidecars(out: str | os.PathLike[str], manifest: dict[str, Any]) -> lis
         if stale.name not in files:
             stale.unlink()
     for name, text in files.items():
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
     return sorted(files)
 
 

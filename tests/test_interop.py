@@ -243,6 +243,19 @@ def test_dali_reads_indexed_webdataset_tars(tmp_path):
     assert Counter(labels[:40]) == Counter(written["train"].values())
 
 
+@pytest.mark.dali
+def test_index_writes_the_idx_dali_wds2idx_writes_for_webdataset_tars(tmp_path):
+    wds2idx = pytest.importorskip("wds2idx")
+    tars = tmp_path / "theirs"
+    write_with_webdataset(tars)  # pax headers: data offsets are not our own tars' fixed 512-byte steps
+    assert run_cli("index", tars).exit_code == 0
+    for tar in sorted(tars.glob("*.tar")):
+        theirs = tmp_path / (tar.stem + ".wds2idx")
+        with wds2idx.IndexCreator(str(tar), str(theirs), verbose=False) as creator:
+            creator.create_index()
+        assert tar.with_suffix(".idx").read_bytes() == theirs.read_bytes(), tar.name
+
+
 def test_index_class_names_from_a_file_and_clear_refusals(tmp_path):
     tars = tmp_path / "theirs"
     write_with_webdataset(tars, text=False)

@@ -2,7 +2,7 @@
 
 A CPU training step allocates and frees the same large activation buffers every step. glibc's malloc
 serves a block above its mmap threshold (128 kB at start, rising to at most 32 MB as blocks are freed;
-EfficientNet-Lite0's largest activations at batch 32 and 224 px are ~50 MB) with a fresh mmap and
+EfficientNet-Lite0's largest activations at batch 32 and 224 px are ~25 MB in bf16, ~50 MB in fp32) with a fresh mmap and
 returns it with munmap when freed, so every step faults those pages in again, zero-filled by the
 kernel: ~130,000 minor page faults per step and 28-30% of the training process's CPU time in the kernel
 in frozen-backbone steps here (issue 21; benchmarks/fit.py measures it). Two mallopt settings stop that,
