@@ -35,7 +35,7 @@ OTHER_VENV = CACHE / "venv-others"
 # img2dataset pins webdataset 0.2 and albumentations; all pull in cloud SDKs.
 OTHER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "mosaicml-streaming>=0.13,<0.14", "litdata>=0.2.70,<0.3",
                   "img2dataset>=1.45,<2"]
-PACKAGES = ("shardtool", "torch", "torchvision", "nvidia-dali-cuda130", "pillow", "simplejpeg", "pymongo",
+PACKAGES = ("shardtool", "torch", "torchvision", "torchcodec", "nvidia-dali-cuda130", "pillow", "simplejpeg", "pymongo",
             "webdataset", "mosaicml-streaming", "litdata", "img2dataset", "numpy")
 
 
