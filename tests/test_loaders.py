@@ -297,3 +297,41 @@ def test_torch_counts_every_sample_a_damaged_shard_loses_and_keeps_the_rest(pack
     skipped = [why for b in batches for _, why in b.skipped]
     assert len(skipped) == 4 and skipped[0].startswith("corrupt shard: ")
     assert skipped[1:] == ["lost to the corrupt shard above"] * 3
+
+
+def test_the_torch_loaders_decoder_gives_pillows_pixels_for_every_format_and_says_why_it_cannot(shapes: Path) -> None:
+    """JPEGs go through simplejpeg, the rest through Pillow; either way the pixels are Pillow's RGB, and an
+    image neither can read is a ValueError the loader counts or reports, not a crash."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.torch import decode_bytes
+
+    def pillow(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    from tests.conftest import real_data_root
+
+    real = real_data_root()  # real photos when they are here (grayscale and progressive ones among them)
+    photos = sorted(shapes.rglob("*.jpg"))[:8] + (sorted((real / "clothing-small").rglob("*.jpg"))[::60] if real else [])
+    for path in photos:
+        data = path.read_bytes()
+        assert np.array_equal(decode_bytes(data).permute(1, 2, 0).numpy(), pillow(data)), path
+    source = Image.open(photos[0]).convert("RGB").resize((48, 32))
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("RGB", "WEBP")):
+        out = io.BytesIO()
+        source.convert(mode).save(out, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        decoded = decode_bytes(out.getvalue())
+        assert decoded.shape == (3, 32, 48) and decoded.dtype == torch.uint8, (mode, fmt)
+        assert np.array_equal(decoded.permute(1, 2, 0).numpy(), pillow(out.getvalue())), (mode, fmt)
+    rgba = io.BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(rgba, "PNG")  # transparent: on white, as shardtool packs it
+    assert decode_bytes(rgba.getvalue()).min() == 255
+    whole = io.BytesIO()
+    source.save(whole, "JPEG")
+    for bad, expected in ((whole.getvalue()[:300], "undecodable image"),
+                          (b"no image at all", "undecodable image: 15 bytes in no image format Pillow knows")):
+        with pytest.raises(ValueError, match=expected):
+            decode_bytes(bad)

@@ -8,7 +8,7 @@ the samples plan.py gave it:
              -> shuffle buffer (training)                     (webdataset's, seeded per epoch, rank, worker)
              -> skip the samples already trained on          (resume mid-epoch)
              -> planned batches of raw samples
-             -> decode + crop/flip -> uint8 batch in shared memory  (torchvision.io, per-sample seeded RNG)
+             -> decode + crop/flip -> uint8 batch in shared memory  (simplejpeg/Pillow, per-sample seeded RNG)
     main:    -> pinned host batch -> device, float, normalised, channels_last
 
 Augmentation draws from a generator seeded by (seed, epoch, key), not from a stream, so a resumed
@@ -18,6 +18,7 @@ epoch gives every sample the crop it would have had.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import multiprocessing
@@ -31,12 +32,15 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import simplejpeg
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from shardtool.process.pil import to_rgb
 from trainer.data import Batch, LoaderSpec
 from trainer.data.plan import Segment, rank_samples, worker_plan
 from trainer.infer import eval_crop, normalize
@@ -166,16 +170,37 @@ def transform(image: torch.Tensor, spec: LoaderSpec, rng: random.Random | None) 
     return eval_crop(image, size, spec.eval_resize)
 
 
+def decode_bytes(data: bytes) -> torch.Tensor:
+    """Encoded image -> uint8 3 x H x W, RGB; raises ValueError when it cannot be decoded.
+
+    JPEG through simplejpeg (libjpeg-turbo's TurboJPEG API): the same pixels as torchvision's and Pillow's
+    decoders and the fastest of them here (`python -m benchmarks.decode`); torchvision's image decoding is
+    deprecated since 0.29. Anything else (PNG, WebP, CMYK JPEGs, a JPEG TurboJPEG refuses) through
+    Pillow, made RGB as shardtool makes it (alpha on white, 16-bit scaled to 8). The tensor is a CHW view
+    of HWC memory, as torchvision's decoder returned it (the crop + resize is fastest on that layout).
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            if simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):  # CMYK/YCCK: Pillow's conversion
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+        except ValueError:
+            pass  # Pillow decodes what TurboJPEG will not, or says why it cannot
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)
+    except UnidentifiedImageError:
+        raise ValueError(f"undecodable image: {len(data):,} bytes in no image format Pillow knows") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"undecodable image: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 def decode(sample: dict[str, Any], spec: LoaderSpec, epoch: int) -> tuple[torch.Tensor, int, str, str]:
     """Raw sample -> (uint8 image, label, key, group); raises ValueError on a bad sample."""
     key = sample["__key__"]
     data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
     if data is None:
         raise ValueError("no image member")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ValueError(f"undecodable image: {str(error).splitlines()[0]}") from None
+    image = decode_bytes(data)
     rng = random.Random(f"{spec.seed}/{epoch}/{key}") if spec.train else None
     label = int(sample["cls"]) if spec.labelled and "cls" in sample else -1
     meta = json.loads(sample["json"]) if "json" in sample else {}
