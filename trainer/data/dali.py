@@ -7,8 +7,10 @@ the GPU, "cpu" otherwise, where every operator runs on the CPU and the pipeline 
     start mid-shard, so unlike the torch loader it mixes only shards packed --order shuffled)
       -> fn.readers.webdataset(shard_id=rank, num_shards=world, stick_to_shard, pad_last_batch,
                                random_shuffle + initial_fill when training)  -> encoded image, [cls], json
-      -> fn.decoders.image(RGB)                                               -> uint8 H x W x 3
-      -> train: fn.random_resized_crop(scale) | eval: fn.resize(resize_shorter)
+      -> train: fn.decoders.image_random_crop(RGB, scale) + fn.resize(S x S)  -> uint8 S x S x 3
+         (DALI's fused decode + random crop, as its ImageNet examples train: it decodes only the crop
+         window where the format allows)
+         eval: fn.decoders.image(RGB) + fn.resize(resize_shorter)
       -> fn.crop_mirror_normalize(float, HWC, mean*255, std*255; train: coin-flip mirror, eval: centre crop)
     python: -> torch (one copy), viewed as N x 3 x S x S: HWC memory is exactly channels_last
             -> labels from cls, keys and groups from the json member, DALI's padding trimmed -> Batch
@@ -61,33 +63,34 @@ def reader_args(spec: LoaderSpec, shards: list[Shard], seed: int) -> dict[str, A
             "initial_fill": max(spec.shuffle_buffer, 1), "seed": seed, "name": "reader"}
 
 
-def augment(images: Any, spec: LoaderSpec) -> Any:
-    """Decoded uint8 HWC -> float HWC S x S, normalised: the train or the eval transform."""
+def decode_augment(encoded: Any, spec: LoaderSpec, decoder: str) -> Any:
+    """Encoded images -> float HWC S x S, normalised: the train or the eval transform. DECODER is the
+    decoders' device ("cpu", or "mixed" for nvJPEG)."""
     from nvidia.dali import fn, types
 
     size = spec.image_size
     norm = {"dtype": types.FLOAT, "output_layout": "HWC", "mean": [m * 255 for m in spec.mean],
             "std": [s * 255 for s in spec.std]}
     if spec.train:
-        images = fn.random_resized_crop(images, size=[size, size], random_area=list(spec.scale),
-                                        random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                               random_area=list(spec.scale), random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, size=[size, size])
         mirror = fn.random.coin_flip(probability=0.5 if spec.hflip else 0.0)
         return fn.crop_mirror_normalize(images, mirror=mirror, **norm)
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=spec.eval_resize)
     return fn.crop_mirror_normalize(images, crop=[size, size], **norm)
 
 
 def build_pipeline(spec: LoaderSpec, shards: list[Shard], seed: int, device_id: int | None) -> Any:
     """The pipeline: outputs (images, [cls], json); device_id None = every operator on the CPU."""
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import Pipeline, fn
 
     pipe = Pipeline(batch_size=spec.batch_size, num_threads=max(spec.workers, 1), device_id=device_id,
                     seed=seed)
     with pipe:
         encoded, *rest = fn.readers.webdataset(**reader_args(spec, shards, seed))
-        decoder = "cpu" if device_id is None else "mixed"
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-        pipe.set_outputs(augment(images, spec), *rest)
+        pipe.set_outputs(decode_augment(encoded, spec, "cpu" if device_id is None else "mixed"), *rest)
     pipe.build()
     return pipe
 
