@@ -22,14 +22,24 @@ median and the JSON min/median/max.
   torchvision tutorial's RandomResizedCrop + RandomHorizontalFlip + PILToTensor.
 - imagefolder-256: the same on files holding exactly the shards' JPEGs (shorter side 256): what a
   user who resized by hand gets, so the gap between it and imagefolder is resolution, not format.
-- webdataset-naive: webdataset's README pipeline over the same shards: .shuffle(1000).decode("pil")
-  .to_tuple("jpg", "cls").map_tuple(torchvision transform), shards split across workers.
-- dali-files: DALI's fn.readers.file on the original files + the same decode/crop/normalise as
-  shardtool-dali.
-- decode-ceiling: the shards' JPEG bytes held in memory, decoded + cropped + flipped by our own
-  transform in a tight loop, in 2 processes at once (half the images each, torch at 1 thread, as in a
-  DataLoader worker): what 2 cores can do with no reading, batching or inter-process traffic at all.
+- webdataset-naive: webdataset's README pipeline over our default shards (1000/1000/1000/68 here):
+  .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(torchvision transform), shards split
+  across workers before shuffling, so one worker reads 2,000 images and the other 1,068.
+- webdataset: the layout and settings webdataset's docs recommend: the same samples rewritten by its
+  ShardWriter into 16 equal shards (8 per worker), shardshuffle, .shuffle(1000), batched inside the
+  workers (.batched(64), WebLoader(batch_size=None)).
+- dali-files: DALI's fn.readers.file on the original files + the same fused decode/crop/normalise as
+  shardtool-dali (decoders.image_random_crop, as DALI's own training examples use).
+- decode-ceiling: the shards' JPEG bytes held in memory, decoded (by the torch loader's decoder) +
+  cropped + flipped by our own transform in a tight loop, in 2 processes at once (half the images
+  each, torch at 1 thread, as in a DataLoader worker): what 2 cores can do with no reading, batching or
+  inter-process traffic at all: the bound for the rows that decode with it (ours).
   (Measured, not one core's rate times 2: here two such loops together do ~1.75x one alone.)
+- decode-ceiling-pil: the same with PIL decode + the torchvision transform on PIL images, as the
+  imagefolder, webdataset, mosaic and litdata rows decode: the bound for those rows.
+
+Every DataLoader (ours and the baselines') keeps its workers across epochs (persistent_workers) with
+prefetch_factor 4, as ours does.
 - mosaic, litdata: Mosaic Streaming and LitData on their own converted copies of the shards' JPEGs
   (MDS / litdata chunks, made once), with their own dataset + loader, PIL decode + the same transform.
   They pin numpy < 2.2 (mosaic) and pull in cloud SDKs, so they run from their own virtualenv in
@@ -44,6 +54,7 @@ adds shardtool-dali-gpu and dali-files-gpu (nvJPEG decode, "mixed" device).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -54,12 +65,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, row, timed_run
+from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, rel, row, timed_run
 
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-dali", "imagefolder", "imagefolder-256",
-        "webdataset-naive", "dali-files", "decode-ceiling", "mosaic", "litdata")
+ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-dali", "imagefolder",
+        "imagefolder-256", "webdataset-naive", "webdataset", "dali-files", "decode-ceiling", "decode-ceiling-pil",
+        "mosaic", "litdata")
+WDS_SHARDS = 16  # the webdataset row's equal shards: 8 per worker
 GPU_ROWS = ("shardtool-dali-gpu", "dali-files-gpu")
 IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's interpreter
 
@@ -88,9 +101,16 @@ def train_members(shards: Path) -> Iterator[tuple[str, bytes, int]]:
                     yield key, sample["jpg"], int(pending.pop(key)["cls"])
 
 
+def copy_dir(shards: Path, kind: str) -> Path:
+    """Where a converted copy of SHARDS lives in the cache: named by the manifest's hash, so another
+    dataset in a folder of the same name never reuses a stale copy."""
+    digest = hashlib.sha256((shards / "dataset.json").read_bytes()).hexdigest()[:12]
+    return CACHE / f"{shards.name}-{digest}-{kind}"
+
+
 def resized_files(shards: Path) -> Path:
     """The shards' training JPEGs as class folders (made once): ImageFolder at the shards' resolution."""
-    out = CACHE / f"{shards.name}-files"
+    out = copy_dir(shards, "files")
     if not (out / ".done").exists():
         for key, data, label in train_members(shards):
             folder = out / f"{label:04d}"
@@ -98,6 +118,23 @@ def resized_files(shards: Path) -> Path:
             (folder / f"{key}.jpg").write_bytes(data)
         (out / ".done").touch()
     return out
+
+
+def equal_shards(shards: Path) -> list[str]:
+    """The shards' training samples rewritten by webdataset's ShardWriter into WDS_SHARDS equal shards
+    (made once): the layout webdataset's docs recommend for its workers."""
+    import webdataset as wds
+
+    out = copy_dir(shards, f"wds-{WDS_SHARDS}")
+    if not (out / ".done").exists():
+        members = list(train_members(shards))
+        out.mkdir(parents=True, exist_ok=True)
+        per_shard = -(-len(members) // WDS_SHARDS)
+        with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            for key, data, label in members:
+                sink.write({"__key__": key, "jpg": data, "cls": label})
+        (out / ".done").touch()
+    return sorted(str(p) for p in out.glob("train-*.tar"))
 
 
 # ---- one measurement per child process -----------------------------------------------------------------------
@@ -128,7 +165,8 @@ def torchvision_transform() -> Any:
 def data_loader(dataset: Any, **options: Any) -> Any:
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, **options)
+    options.setdefault("batch_size", BATCH)
+    return DataLoader(dataset, num_workers=WORKERS, persistent_workers=True, prefetch_factor=4, **options)
 
 
 def images_of(batches: Iterable[Any]) -> Iterator[Any]:
@@ -170,13 +208,24 @@ def run_webdataset(shards: Path, epochs: int) -> list[float]:
     return time_epochs(lambda e: images_of(loader), epochs, manifest["splits"]["train"]["num_samples"])
 
 
+def run_webdataset_tuned(shards: Path, epochs: int) -> list[float]:
+    import webdataset as wds
+
+    urls = equal_shards(shards)
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls)).shuffle(BUFFER).decode("pil").to_tuple("jpg", "cls")
+               .map_tuple(torchvision_transform(), lambda label: label).batched(BATCH))
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=WORKERS, persistent_workers=True, prefetch_factor=4)
+    total = sum(1 for _ in train_members(shards))
+    return time_epochs(lambda e: images_of(loader), epochs, total)
+
+
 def run_dali_files(files: Path, device: str, epochs: int) -> list[float]:
     import torch
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import Pipeline, fn
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     from trainer.data import LoaderSpec
-    from trainer.data.dali import augment
+    from trainer.data.dali import decode_augment
 
     spec = LoaderSpec(shards=(), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD, train=True)
     device_id = 0 if device == "cuda" else None
@@ -184,8 +233,7 @@ def run_dali_files(files: Path, device: str, epochs: int) -> list[float]:
     with pipe:
         encoded, labels = fn.readers.file(file_root=str(files), random_shuffle=True, initial_fill=BUFFER,
                                           name="reader")
-        images = fn.decoders.image(encoded, device="mixed" if device == "cuda" else "cpu", output_type=types.RGB)
-        pipe.set_outputs(augment(images, spec), labels)
+        pipe.set_outputs(decode_augment(encoded, spec, "mixed" if device == "cuda" else "cpu"), labels)
     pipe.build()
     iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -201,36 +249,42 @@ def run_dali_files(files: Path, device: str, epochs: int) -> list[float]:
 _ENCODED: list[Any] = []  # the ceiling's JPEGs, inherited by its forked processes
 
 
-def _decode_range(task: tuple[int, int, int]) -> int:
-    """Decode + crop + flip _ENCODED[start:stop] in this process; the number done."""
+def _decode_range(task: tuple[int, int, int, bool]) -> int:
+    """Decode + crop + flip _ENCODED[start:stop] in this process (PIL + torchvision's transform, or the
+    torch loader's decoder + transform); the number done."""
+    import io
     import random
 
     import torch
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
     from trainer.data import LoaderSpec
-    from trainer.data.torch import transform
+    from trainer.data.torch import decode_bytes, transform
 
-    start, stop, seed = task
+    start, stop, seed, pil = task
     torch.set_num_threads(1)  # what each DataLoader worker runs with
+    if pil:
+        torch.manual_seed(seed)
+        pil_transform = torchvision_transform()
+        for data in _ENCODED[start:stop]:
+            pil_transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        return stop - start
     spec = LoaderSpec(shards=(), batch_size=BATCH, image_size=SIZE, mean=MEAN, std=STD, train=True)
     rng = random.Random(seed)
     for data in _ENCODED[start:stop]:
-        transform(decode_image(data, mode=ImageReadMode.RGB), spec, rng)
+        transform(decode_bytes(data), spec, rng)
     return stop - start
 
 
-def run_ceiling(shards: Path, epochs: int) -> list[float]:
+def run_ceiling(shards: Path, epochs: int, pil: bool) -> list[float]:
     import multiprocessing
 
-    import torch
-
-    _ENCODED[:] = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data, _ in train_members(shards)]
+    _ENCODED[:] = [data for _, data, _ in train_members(shards)]
     total = len(_ENCODED)
     with multiprocessing.get_context("fork").Pool(WORKERS) as pool:  # started once, outside the timing
 
         def epoch(index: int) -> list[range]:
-            halves = [(total * i // WORKERS, total * (i + 1) // WORKERS, index) for i in range(WORKERS)]
+            halves = [(total * i // WORKERS, total * (i + 1) // WORKERS, index, pil) for i in range(WORKERS)]
             return [range(done) for done in pool.map(_decode_range, halves)]  # one "batch" per process
 
         return time_epochs(epoch, epochs, total)
@@ -254,10 +308,12 @@ def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
         return run_imagefolder(resized_files(shards), epochs)
     if base == "webdataset-naive":
         return run_webdataset(shards, epochs)
+    if base == "webdataset":
+        return run_webdataset_tuned(shards, epochs)
     if base == "dali-files":
         return run_dali_files(files, device, epochs)
-    if base == "decode-ceiling":
-        return run_ceiling(shards, epochs)
+    if base in ("decode-ceiling", "decode-ceiling-pil"):
+        return run_ceiling(shards, epochs, pil=base.endswith("-pil"))
     if base in IN_OTHERS:
         from benchmarks import others  # importable only in the other virtualenv
 
@@ -331,14 +387,17 @@ def main() -> None:
                 continue
             pythons[name] = str(bin_dir / "python")
     results = run_rows(pythons, args)
+    add_ratio(results, "vs_imagefolder_256", "imagefolder-256")
     add_ratio(results, "vs_imagefolder", "imagefolder")
     add_ratio(results, "vs_ceiling", "decode-ceiling")
-    settings = {"data": str(args.data), "files": str(args.files), "batch_size": BATCH, "image_size": SIZE,
+    add_ratio(results, "vs_pil_ceiling", "decode-ceiling-pil")
+    settings = {"data": rel(args.data), "files": rel(args.files), "batch_size": BATCH, "image_size": SIZE,
                 "augment": "RandomResizedCrop + horizontal flip", "workers": WORKERS, "shuffle_buffer": BUFFER,
+                "persistent_workers": True, "prefetch_factor": 4, "webdataset_equal_shards": WDS_SHARDS,
                 "timed_epochs_per_process": args.epochs, "warmup_epochs": 1, "repeats": args.repeats,
                 "train_images": sum(1 for _ in train_members(args.data))}
-    emit("loader", settings, results, ["name", "img_s", "vs_imagefolder", "vs_ceiling", "peak_rss_mb"], args.json,
-         notes)
+    emit("loader", settings, results, ["name", "img_s", "vs_imagefolder_256", "vs_imagefolder", "vs_ceiling",
+                                        "vs_pil_ceiling", "peak_rss_mb"], args.json, notes)
 
 
 if __name__ == "__main__":

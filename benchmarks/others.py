@@ -21,8 +21,8 @@ from streaming import MDSWriter, StreamingDataset
 
 from benchmarks.loader import (
     BATCH,
-    CACHE,
     WORKERS,
+    copy_dir,
     data_loader,
     images_of,
     time_epochs,
@@ -53,7 +53,7 @@ def litdata_sample(item: tuple[bytes, int]) -> dict[str, Any]:
 
 
 def run_mosaic(shards: Path, epochs: int) -> list[float]:
-    local = CACHE / f"{shards.name}-mds"
+    local = copy_dir(shards, "mds")
     if not (local / "index.json").exists():
         with MDSWriter(out=str(local), columns={"jpg": "bytes", "cls": "int"}, size_limit="64mb") as writer:
             for _, data, label in train_members(shards):
@@ -64,11 +64,12 @@ def run_mosaic(shards: Path, epochs: int) -> list[float]:
 
 
 def run_litdata(shards: Path, epochs: int) -> list[float]:
-    local = CACHE / f"{shards.name}-litdata"
+    local = copy_dir(shards, "litdata")
     if not (local / "index.json").exists():
         items = [(data, label) for _, data, label in train_members(shards)]
         litdata.optimize(fn=litdata_sample, inputs=items, output_dir=str(local), chunk_bytes="64MB", num_workers=1,
                          mode="overwrite")
     dataset = LitdataImages(str(local), shuffle=True, seed=0)
-    loader = litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=WORKERS)
+    loader = litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, persistent_workers=True,
+                                         prefetch_factor=4)
     return time_epochs(lambda e: images_of(loader), epochs, len(dataset))

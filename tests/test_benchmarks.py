@@ -51,5 +51,9 @@ def test_memory_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     run_script(memory, monkeypatch, tmp_path / "results", "--sizes", "500,100", "--work", str(tmp_path))
     rows = json.loads((tmp_path / "results" / "memory.json").read_text())["results"]
     assert [r["name"] for r in rows] == ["pack 100", "pack 500", "loader-epoch 100", "loader-epoch 500"]
-    assert [r["rss_vs_smallest"] for r in rows][::2] == [1.0, 1.0]
+    by_name = {r["name"]: r for r in rows}
+    for kind in ("pack", "loader-epoch"):  # each size against that kind's smallest, whatever order --sizes gave
+        small, large = by_name[f"{kind} 100"], by_name[f"{kind} 500"]
+        assert large["rss_vs_smallest"] == round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        assert large["growth_mb"] == round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-memory-")]  # dumps and shards removed
