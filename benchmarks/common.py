@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -74,11 +75,16 @@ def gpu_name() -> str | None:
 
 
 def commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked code differs from it (results and docs aside), so a
+    figure measured on uncommitted code says so."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results", ":!*.md",
+                                  ":!benchmarks/RESULTS.png"], cwd=REPO).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
+    return f"{head}-dirty" if head and changed else head or None
 
 
 def tool(name: str) -> str:
@@ -137,6 +143,38 @@ SAMPLE_S = 0.1
 MEMORY_MEASURE = (f"peak_rss_mb: the whole process tree, the larger of its summed PSS sampled every {SAMPLE_S} s "
                   "or less often (the sampler stays under 5% of a core) "
                   "and its largest process's peak RSS (wait4)")
+
+
+class TreePeak:
+    """The peak memory (MB) of an already running process and its descendants (a server), sampled in a thread
+    while the block runs, as timed_run samples: the larger of the summed PSS and the root's own peak RSS."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.tree_kb, self.peak_mb = pid, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            began = time.perf_counter()
+            self.tree_kb = max(self.tree_kb, tree_pss_kb(self.pid))
+            self._stop.wait(max(SAMPLE_S, 20 * (time.perf_counter() - began)))
+
+    def __enter__(self) -> TreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm_kb = 0
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm_kb = int(line.split()[1])
+        except OSError:
+            pass
+        self.peak_mb = max(self.tree_kb, hwm_kb) / 1024
 
 
 def tree_pss_kb(root: int) -> int:
