@@ -20,12 +20,16 @@ ORDER = ("loader", "pack", "pack_bson", "memory", "fit")  # the rest follow by n
 TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing clothing-small",
           "pack_bson": "Packing a Cdiscount-like BSON dump", "memory": "Peak memory vs dataset size",
           "fit": "Trainer: real data vs the compute-only ceiling",
-          "serve": "trainer serve: checkpoint vs ONNX export"}
-FIGURES = {"memory": ("peak_rss_mb", "peak RSS (MB)"), "serve": ("c8_req_s", "requests/s at concurrency 8")}  # what each panel charts; the rest: images/s
+          "serve": "trainer serve: checkpoint vs ONNX export",
+          "decode": "The torch loader's decoder: candidates on the same bytes",
+          "dali_parity": "--backend dali against --backend pil: pixel differences"}
+FIGURES = {"memory": ("peak_rss_mb", "peak memory (MB)"), "serve": ("c8_req_s", "requests/s at concurrency 8"),
+           "dali_parity": ("worst_difference", "worst mean |PIL - DALI| per channel")}  # what each panel charts; the rest: images/s
 
 
 def ours(name: str) -> bool:
-    return name.startswith(("shardtool", "pack ", "loader-epoch")) or name.endswith("-real") or name in ("checkpoint", "onnx")
+    return (name.startswith(("shardtool", "pack ", "loader-epoch", "loader-")) or name.endswith("-real")
+            or name in ("checkpoint", "onnx"))
 
 
 def load_results() -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ Each model is served by its own `trainer serve` process on a free local port (de
   requests/s over the whole burst, and its p50/p95 latency.
 Images: clothing-small's 372 test JPEGs as they are on disk (mostly 400x533, ~40 KB), in turn, so every
 request pays a real decode + resize + crop. The client runs on the same machine (its threads take CPU
-the server could use), as a local load test does; server_rss_mb is the server process's peak RSS.
+the server could use), as a local load test does; server_peak_mb is the server's peak memory over the
+measured rounds: its whole process tree (common.TreePeak: summed PSS sampled, or its own peak RSS if larger).
 
 CKPT defaults to the accuracy benchmark's clothing-small fit (benchmarks/.cache/accuracy-runs), else a
 linear probe on the clothing-small shards it packs (made once here). The ONNX file is `trainer export`ed
@@ -31,10 +32,10 @@ from typing import Any
 import httpx
 
 from benchmarks.accuracy import pack_args, real_data
-from benchmarks.common import CACHE, emit, tool
+from benchmarks.common import CACHE, TreePeak, emit, rel, tool
 from trainer.serve.local import serving
 
-COLUMNS = ["name", "runtime", "c1_p50_ms", "c1_p95_ms", "c8_req_s", "c8_p50_ms", "c8_p95_ms", "server_rss_mb"]
+COLUMNS = ["name", "runtime", "c1_p50_ms", "c1_p95_ms", "c8_req_s", "c8_p50_ms", "c8_p95_ms", "server_peak_mb"]
 WORK = CACHE / "serve"
 
 
@@ -113,19 +114,17 @@ def concurrent(url: str, images: list[bytes], n: int, threads: int = 8) -> tuple
     return n / (time.perf_counter() - start), latencies
 
 
-def server_rss_mb(url: str) -> float | None:
-    """Peak RSS of the process listening on URL's port (VmHWM), found through /proc."""
-    port = int(url.rsplit(":", 1)[1])
-    for status in Path("/proc").glob("[0-9]*/cmdline"):
+def server_pid(url: str) -> int:
+    """The `trainer serve` process listening on URL's port, found through /proc (serving() keeps its Popen)."""
+    port = str(int(url.rsplit(":", 1)[1])).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            argv = status.read_bytes().split(b"\0")
+            argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and str(port).encode() in argv:
-            for line in (status.parent / "status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return None
+        if b"serve" in argv and port in argv:
+            return int(cmdline.parent.name)
+    sys.exit(f"no trainer serve process found for {url}")
 
 
 def measure(url: str, images: list[bytes], requests: int) -> dict[str, float]:
@@ -156,23 +155,24 @@ def main() -> None:
         urls = {"checkpoint": torch_url, "onnx": onnx_url}
         for url in urls.values():
             sequential(url + "/predict", images, 10)  # warm-up
-        for round_ in range(args.repeats):
-            for name in (list(urls) if round_ % 2 == 0 else list(urls)[::-1]):
-                rows[name].append(measure(urls[name], images, args.requests))
-        rss = {name: server_rss_mb(url) for name, url in urls.items()}
-    results = [summarise(name, runs, rss[name]) for name, runs in rows.items()]
-    settings = {"ckpt": str(ckpt), "requests": args.requests, "repeats": args.repeats, "images": len(images),
+        peaks = {name: TreePeak(server_pid(url)) for name, url in urls.items()}
+        with peaks["checkpoint"], peaks["onnx"]:
+            for round_ in range(args.repeats):
+                for name in (list(urls) if round_ % 2 == 0 else list(urls)[::-1]):
+                    rows[name].append(measure(urls[name], images, args.requests))
+    results = [summarise(name, runs, peaks[name].peak_mb) for name, runs in rows.items()]
+    settings = {"ckpt": rel(ckpt), "requests": args.requests, "repeats": args.repeats, "images": len(images),
                 "server": "trainer serve defaults: --max-batch 16 --max-wait-ms 5", "client": "httpx, same machine"}
     emit("serve", settings, results, COLUMNS, args.json)
 
 
-def summarise(name: str, runs: list[dict[str, float]], rss: float | None) -> dict[str, Any]:
+def summarise(name: str, runs: list[dict[str, float]], peak_mb: float) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "runtime": "PyTorch (float32)" if name == "checkpoint" else "ONNX Runtime"}
     for key in runs[0]:
         values = [r[key] for r in runs]
         out[key] = statistics.median(values)
         out[f"{key}_stats"] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
-    return out | {"server_rss_mb": rss}
+    return out | {"server_peak_mb": peak_mb}
 
 
 if __name__ == "__main__":
