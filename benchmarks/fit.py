@@ -57,9 +57,10 @@ def measure(data: str, model: str, image_size: int, batch_size: int, steps: int,
     from trainer.fit import build_run, set_frozen
     from trainer.loop import TrainSums, train_one_epoch
 
-    config = FitConfig(data=data, out=tempfile.mkdtemp(prefix="bench-fit-"), model=model, image_size=image_size,
-                       batch_size=batch_size, device=device, loader="torch").validate()
-    run = build_run(config, Dist(), None)
+    with tempfile.TemporaryDirectory(prefix="bench-fit-") as out:  # the run folder: nothing is written there
+        config = FitConfig(data=data, out=out, model=model, image_size=image_size, batch_size=batch_size,
+                           device=device, loader="torch").validate()
+        run = build_run(config, Dist(), None)
     set_frozen(run.model, phase == "frozen", config.freeze_bn)
     batches = iter(run.train.epoch(0))
     if source == "synthetic":
