@@ -48,7 +48,7 @@ def test_pack_benchmark_skips_without_source(tmp_path: Path, monkeypatch: pytest
 def test_memory_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import memory
 
-    run_script(memory, monkeypatch, tmp_path / "results", "--sizes", "500,100", "--work", str(tmp_path))
+    run_script(memory, monkeypatch, tmp_path / "results", "--sizes", "500,100", "--work", str(tmp_path), "--repeats", "1")
     rows = json.loads((tmp_path / "results" / "memory.json").read_text())["results"]
     assert [r["name"] for r in rows] == ["pack 100", "pack 500", "loader-epoch 100", "loader-epoch 500"]
     by_name = {r["name"]: r for r in rows}
