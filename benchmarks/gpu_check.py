@@ -9,8 +9,9 @@
    N x 3 x S x S, channels_last, eval within 2/255 of the CPU pipeline), and fit for 2 epochs of 2
    batches four ways (DALI + bf16, DALI + fp16 with its scaler, torch loader + compile + channels_last,
    a frozen first epoch);
-3. the GPU benchmark rows: the loader benchmark's DALI and torch rows for one epoch, written to
-   benchmarks/results/gpu/ (not over the CPU results).
+3. the GPU benchmark rows, written to benchmarks/results/gpu/ (not over the CPU results): the loader
+   benchmark's DALI and torch rows for one epoch (DALI's with the nvJPEG "mixed" decoder), and the pack
+   benchmark's PIL and DALI rows once each (`--backend dali` is dali-gpu there).
 On a machine without a CUDA GPU it says so and exits 0.
 """
 
@@ -66,6 +67,9 @@ def main() -> int:
     ok = step("GPU tests", [sys.executable, "-m", "pytest", "-q", "-s", "-m", "gpu", "-p", "no:cacheprovider", "tests"])
     ok &= step("GPU benchmark rows", [sys.executable, "-m", "benchmarks.loader", "--rows", "shardtool-dali,shardtool-torch",
                                       "--epochs", "1", "--repeats", "1"], env={"BENCHMARK_RESULTS": str(results)})
+    ok &= step("GPU pack rows", [sys.executable, "-m", "benchmarks.pack", "--rows",
+                                 "shardtool-pil-resize,shardtool-dali-resize,shardtool-dali-passthrough", "--repeats", "1"],
+               env={"BENCHMARK_RESULTS": str(results)})
     print(f"\ngpu-check {'passed' if ok else 'FAILED'}; benchmark rows in {results}")
     return 0 if ok else 1
 

@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=default / "clothing-small", help="a class-folder dataset")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row")
     parser.add_argument("--size", type=int, default=256, help="shorter side after resizing")
+    parser.add_argument("--rows", help="comma-separated subset of the rows [all that can run here]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     photos = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
@@ -173,6 +174,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:
         rows, notes = runs(args.source, args.size, url_list(photos, args.source, work), cores)
+        if args.rows:
+            wanted = args.rows.split(",")
+            if unknown := set(wanted) - {name for name, _, _ in rows}:
+                sys.exit(f"unknown or unavailable rows: {', '.join(sorted(unknown))} "
+                         f"(here: {', '.join(name for name, _, _ in rows)})")
+            rows = [row for row in rows if row[0] in wanted]
         timed_run(["cat", *map(str, photos)])  # warm the page cache
         # rows alternate round by round; img2dataset's offline settings are harmless to the others
         results = measure_rounds([(name, argv) for name, argv, _ in rows], work / "out", len(photos), args.repeats,

@@ -23,6 +23,8 @@ def test_pack_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     from benchmarks import pack
 
     source = make_shapes(tmp_path / "shapes", per_class=3, size=64)
+    # hermetic: never build the alternatives' virtualenv (pip, minutes) from a test; img2dataset becomes a note
+    monkeypatch.setattr(pack, "other_venv", lambda: (None, "not made in tests"))
     run_script(pack, monkeypatch, tmp_path / "results", "--source", str(source), "--repeats", "1", "--size", "32")
     written = json.loads((tmp_path / "results" / "pack.json").read_text())
     rows = {r["name"]: r for r in written["results"]}
@@ -34,6 +36,20 @@ def test_pack_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert rows["hand-loop-pool"]["out_mb"] == rows["hand-loop"]["out_mb"]  # the same files, in 2 processes
     assert all(r["out_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
     assert written["settings"]["images"] == 12
+    assert "img2dataset: not measured, not made in tests" in written["notes"]
+
+
+def test_pack_benchmark_runs_only_the_rows_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import pack
+
+    source = make_shapes(tmp_path / "shapes", per_class=2, size=48)
+    monkeypatch.setattr(pack, "other_venv", lambda: (None, "not made in tests"))
+    run_script(pack, monkeypatch, tmp_path / "results", "--source", str(source), "--repeats", "1", "--rows",
+               "hand-loop,shardtool-pil-resize")
+    rows = json.loads((tmp_path / "results" / "pack.json").read_text())["results"]
+    assert sorted(r["name"] for r in rows) == ["hand-loop", "shardtool-pil-resize"]
+    with pytest.raises(SystemExit, match="^unknown or unavailable rows: img2dataset, nope"):
+        run_script(pack, monkeypatch, tmp_path / "results", "--source", str(source), "--rows", "nope,img2dataset")
 
 
 def test_pack_benchmark_skips_without_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
