@@ -11,7 +11,8 @@ Rows: `bare-copy`, a Python loop that iterates the BSON and writes each picture 
 --verify header|full with 0 workers, one per core, and auto (the default); `peak RSS ... products`,
 --verify header at N/10 and N products. Warm page cache (one untimed read); every run starts from an
 empty OUT after os.sync(), and the speed rows take turns, round by round. images/s is the median of
---repeats over all pictures; vs_bare_copy is the ratio of medians; peak RSS is of the largest process.
+--repeats over all pictures; vs_bare_copy is the ratio of medians; peak memory (peak_rss_mb) is the
+whole process tree's, workers included (common.timed_run).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import bson  # pymongo's
 from PIL import Image
 
-from benchmarks.common import timed_run, write
+from benchmarks.common import rel, timed_run, write
 from benchmarks.pack import measure, measure_rounds
 
 BARE_COPY = """
@@ -163,7 +164,7 @@ def shardtool_version() -> str:
     where = subprocess.run([sys.executable, "-c", "import shardtool; print(shardtool.__path__[0])"], check=True,
                            capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.strip()
     describe = ["git", "-C", where, "describe", "--always", "--dirty"]
-    return f"{subprocess.run(describe, check=False, capture_output=True, text=True).stdout.strip()} at {where}"
+    return f"{subprocess.run(describe, check=False, capture_output=True, text=True).stdout.strip()} at {rel(where)}"
 
 
 def main() -> None:
@@ -184,7 +185,7 @@ def main() -> None:
     source, facts = cached_bson(args.work, args.products, args.seed, args.data)
     version = shardtool_version()
     results = speed_rows(args, tool, source, categories, facts["images"]) + memory_rows(args, tool, categories)
-    settings = {**facts, "repeats": args.repeats, "categories": str(categories), "shardtool": version}
+    settings = {**facts, "repeats": args.repeats, "categories": rel(categories), "shardtool": version}
     if shardtool_version() != version:
         settings["shardtool_at_end"] = shardtool_version()
         print(f"shardtool changed during the run: {version} -> {settings['shardtool_at_end']}", file=sys.stderr)
