@@ -47,9 +47,21 @@ def machine() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), **cpu(), "gpu": gpu_name(), "commit": commit(),
-            "versions": versions}
+    found = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+             "processor": platform.processor() or platform.machine(), **cpu(), "gpu": gpu_name(), "commit": commit(),
+             "versions": versions}
+    if (OTHER_VENV / "bin" / ".complete").exists():  # the alternatives' rows ran there: its versions too
+        found["other_venv_versions"] = other_venv_versions()
+    return found
+
+
+def other_venv_versions() -> dict[str, str]:
+    """PACKAGES' versions as the alternatives' virtualenv has them (asked through its own interpreter)."""
+    code = ("import json, sys\nfrom importlib import metadata\nfound = {}\nfor p in sys.argv[1:]:\n"
+            "    try:\n        found[p] = metadata.version(p)\n    except metadata.PackageNotFoundError:\n"
+            "        pass\nprint(json.dumps(found))")
+    done = subprocess.run([str(OTHER_VENV / "bin" / "python"), "-c", code, *PACKAGES], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-200:]}
 
 
 def cpu() -> dict[str, Any]:
