@@ -87,13 +87,14 @@ def gpu_name() -> str | None:
 
 
 def commit() -> str | None:
-    """HEAD's short hash, with "-dirty" when tracked code differs from it (results and docs aside), so a
-    figure measured on uncommitted code says so."""
+    """HEAD's short hash, with "-dirty" when the code a benchmark runs (shardtool/, trainer/, benchmarks/ but
+    its results, pyproject.toml) differs from it, so a figure measured on uncommitted code says so."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                               check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results", ":!*.md",
-                                  ":!benchmarks/RESULTS.png"], cwd=REPO).returncode != 0
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "shardtool", "trainer", "benchmarks",
+                                  "pyproject.toml", ":!benchmarks/results", ":!*.md", ":!benchmarks/RESULTS.png"],
+                                 cwd=REPO).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}-dirty" if head and changed else head or None

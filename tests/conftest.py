@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -61,6 +63,23 @@ def clothing_model(tmp_path_factory: pytest.TempPathFactory):
     if root is None:
         pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
     return clothing_checkpoint(root, tmp_path_factory.mktemp("clothing-model"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist (make test: -n 2), a worker hands what its tests read back to the controller."""
+    from tests.readback import READBACK
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["readback"] = json.dumps(READBACK)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: merge a finished worker's read-back counts into this process's."""
+    from tests.readback import READBACK
+
+    for tool, splits in json.loads(getattr(node, "workeroutput", {}).get("readback", "{}")).items():
+        READBACK.setdefault(tool, {}).update(splits)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
