@@ -29,8 +29,12 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "no chromium here: the browser test will be skipped"
 
+# Two test processes (pytest-xdist), one per core of the 2-core machines this runs on: most tests spend much of
+# their time starting a Python + torch process or waiting on one. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: venv browser
-	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q
+	SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data} $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
 gpu-check: venv
