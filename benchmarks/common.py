@@ -86,15 +86,16 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def commit() -> str | None:
-    """HEAD's short hash, with "-dirty" when the code a benchmark runs (shardtool/, trainer/, benchmarks/ but
-    its results, pyproject.toml) differs from it, so a figure measured on uncommitted code says so."""
+def commit(where: Path = REPO) -> str | None:
+    """HEAD's short hash (of the checkout holding WHERE), with "-dirty" when the code a benchmark runs
+    (shardtool/, trainer/, benchmarks/ but its results, pyproject.toml) differs from it, so a figure
+    measured on uncommitted code says so."""
+    code = [f":(top){path}" for path in ("shardtool", "trainer", "benchmarks", "pyproject.toml")]
+    aside = [":(top,exclude)benchmarks/results", ":(top,exclude,glob)**/*.md", ":(top,exclude)benchmarks/RESULTS.png"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where,
                               check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "shardtool", "trainer", "benchmarks",
-                                  "pyproject.toml", ":!benchmarks/results", ":!*.md", ":!benchmarks/RESULTS.png"],
-                                 cwd=REPO).returncode != 0
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code, *aside], cwd=where).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}-dirty" if head and changed else head or None

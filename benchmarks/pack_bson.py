@@ -36,7 +36,7 @@ from typing import Any
 import bson  # pymongo's
 from PIL import Image
 
-from benchmarks.common import rel, timed_run, write
+from benchmarks.common import commit, rel, timed_run, write
 from benchmarks.pack import measure, measure_rounds
 
 BARE_COPY = """
@@ -163,8 +163,7 @@ def shardtool_version() -> str:
     """The commit of the shardtool the CLI imports (editable installs run whatever is on disk, so say which)."""
     where = subprocess.run([sys.executable, "-c", "import shardtool; print(shardtool.__path__[0])"], check=True,
                            capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.strip()
-    describe = ["git", "-C", where, "describe", "--always", "--dirty"]
-    return f"{subprocess.run(describe, check=False, capture_output=True, text=True).stdout.strip()} at {rel(where)}"
+    return f"{commit(Path(where))} at {rel(where)}"
 
 
 def main() -> None:
