@@ -34,17 +34,18 @@ median and the JSON min/median/max.
   cropped + flipped by our own transform in a tight loop, in 2 processes at once (half the images
   each, torch at 1 thread, as in a DataLoader worker): what 2 cores can do with no reading, batching or
   inter-process traffic at all: the bound for the rows that decode with it (ours).
-  (Measured, not one core's rate times 2: here two such loops together do ~1.75x one alone.)
+  (Not one core's rate times 2: two such loops together did ~1.75x one alone, an observation on the AMD
+  machine before 2026-12-02.)
 - decode-ceiling-pil: the same with PIL decode + the torchvision transform on PIL images, as the
   imagefolder, webdataset, mosaic and litdata rows decode: the bound for those rows.
-
-Every DataLoader (ours and the baselines') keeps its workers across epochs (persistent_workers) with
-prefetch_factor 4, as ours does.
 - mosaic, litdata: Mosaic Streaming and LitData on their own converted copies of the shards' JPEGs
   (MDS / litdata chunks, made once), with their own dataset + loader, PIL decode + the same transform.
   They pin numpy < 2.2 (mosaic) and pull in cloud SDKs, so they run from their own virtualenv in
   benchmarks/.cache/venv-others (common.other_venv: made on first use, torch from the same wheels);
   where it cannot be made (no network), the rows are left out with the reason in the notes.
+
+Every DataLoader (ours and the baselines') keeps its workers across epochs (persistent_workers) with
+prefetch_factor 4, as ours does.
 
 With no --data, clothing-small is packed at shorter:256 into benchmarks/.cache (once, as fit.py
 does); --files defaults to clothing-small/train, the originals those shards were packed from. A GPU
