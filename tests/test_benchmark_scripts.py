@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
-from benchmarks.loader import ROWS
+from benchmarks.loader import ROWS, WDS_SHARDS, copy_dir
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
 
@@ -79,7 +80,9 @@ def test_loader_benchmark_measures_ours_and_the_baselines_on_the_same_images(tmp
     written = json.loads((results / "loader.json").read_text())
     assert written["settings"]["persistent_workers"] and written["settings"]["prefetch_factor"] == 4
     assert written["settings"]["data"] == os.path.relpath(tmp_path / "shards", ROOT)
-    # the recommended webdataset row reads its own equal shards, made once beside the benchmark's cache
+    # the recommended webdataset row read its own copy: the 80 training samples in 16 shards of 5
+    copy = copy_dir(tmp_path / "shards", f"wds-{WDS_SHARDS}")
+    assert [sum(1 for m in tarfile.open(t) if m.name.endswith(".cls")) for t in sorted(copy.glob("*.tar"))] == [5] * 16
     assert (results / "loader.md").read_text().startswith("| name | img_s | vs_imagefolder_256 | vs_imagefolder |")
 
 

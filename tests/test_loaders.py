@@ -307,14 +307,13 @@ def test_the_torch_loaders_decoder_gives_pillows_pixels_for_every_format_and_say
     import numpy as np
     from PIL import Image
 
+    from tests.conftest import real_data_root
     from trainer.data.torch import decode_bytes
 
     def pillow(data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
-    from tests.conftest import real_data_root
-
-    real = real_data_root()  # real photos when they are here (grayscale and progressive ones among them)
+    real = real_data_root()  # and every 60th real photo when the shared data is here
     photos = sorted(shapes.rglob("*.jpg"))[:8] + (sorted((real / "clothing-small").rglob("*.jpg"))[::60] if real else [])
     for path in photos:
         data = path.read_bytes()
