@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -35,16 +34,12 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import CACHE, emit, tool
+from benchmarks.common import CACHE, emit, real_data, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "6"]
 COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch", "frozen_val",
            "unfrozen_val",
            "fit_beats_probe", "fit_minutes", "img_s", "probe_seconds"]
-
-
-def real_data() -> Path:
-    return Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
 
 
 def pack_args(name: str, real: Path) -> list[str]:

@@ -40,6 +40,11 @@ PACKAGES = ("shardtool", "torch", "torchvision", "torchcodec", "nvidia-dali-cuda
             "webdataset", "mosaicml-streaming", "litdata", "img2dataset", "numpy")
 
 
+def real_data() -> Path:
+    """The shared real datasets: $SHARDTOOL_REAL_DATA, else ../shared/data beside the repository."""
+    return Path(os.environ.get("SHARDTOOL_REAL_DATA", REPO.parent / "shared" / "data"))
+
+
 def machine() -> dict[str, Any]:
     versions = {}
     for package in PACKAGES:
@@ -135,22 +140,15 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
     errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command never blocks on a full pipe
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors,
                                env=None if env is None else os.environ | env)
-    tree_kb = 0
-    while True:  # wait4 (not Popen.poll, which would reap the child and lose its rusage)
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        began = time.perf_counter()
-        tree_kb = max(tree_kb, tree_pss_kb(process.pid))
-        # reading smaps_rollup walks page tables (~10 ms for a 3 GB process): sampling stays under 5% of a core
-        time.sleep(max(SAMPLE_S, 20 * (time.perf_counter() - began)))
+    with TreePeak(process.pid) as peak:  # wait4, not Popen.wait, which would reap the child and lose its rusage
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         errors.seek(0)
         sys.exit(f"benchmark command failed: {' '.join(argv)}\n{errors.read().decode(errors='replace')[-4000:]}")
     process.returncode = os.waitstatus_to_exitcode(status)
     errors.close()
-    return seconds, max(tree_kb, usage.ru_maxrss) / 1024  # ru_maxrss: kB on Linux
+    return seconds, max(peak.tree_kb, usage.ru_maxrss) / 1024  # ru_maxrss: kB on Linux
 
 
 SAMPLE_S = 0.1
@@ -172,6 +170,7 @@ class TreePeak:
         while not self._stop.is_set():
             began = time.perf_counter()
             self.tree_kb = max(self.tree_kb, tree_pss_kb(self.pid))
+            # reading smaps_rollup walks page tables (~10 ms for a 3 GB process): sampling stays under 5% of a core
             self._stop.wait(max(SAMPLE_S, 20 * (time.perf_counter() - began)))
 
     def __enter__(self) -> TreePeak:

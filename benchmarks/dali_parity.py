@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import emit, rel
+from benchmarks.common import emit, real_data, rel
 from shardtool.config import parse_resize
 from shardtool.process import dali, pil
 from shardtool.sample import Sample, Skip
@@ -42,9 +41,10 @@ def samples(files: list[Path]) -> list[Sample]:
     return [Sample(key=str(i), label="x", group=str(i), source=str(f), path=str(f)) for i, f in enumerate(files)]
 
 
-def pixels(item: Sample) -> np.ndarray:
+def pixels(item: Sample) -> np.ndarray | None:
+    """The packed image's pixels, None unless it is RGB (both backends must write RGB)."""
     image = Image.open(io.BytesIO(item.data))
-    return np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.float64)
+    return np.asarray(image, dtype=np.float64) if image.mode == "RGB" else None
 
 
 def compare(items: list[Sample], resize: str, encode: str, backend: str = "dali-cpu"
@@ -62,8 +62,9 @@ def compare(items: list[Sample], resize: str, encode: str, backend: str = "dali-
             if isinstance(a, Skip):
                 continue
             pa, pb = pixels(a), pixels(b)
-            if pa.shape != pb.shape or Image.open(io.BytesIO(b.data)).mode != "RGB":
-                mismatches.append(f"{a.source}: pil {pa.shape} dali {pb.shape}")
+            if pa is None or pb is None or pa.shape != pb.shape:
+                shapes = [None if p is None else p.shape for p in (pa, pb)]
+                mismatches.append(f"{a.source}: pil {shapes[0]} dali {shapes[1]} (None: not RGB)")
                 continue
             differences.append(float(np.abs(pa - pb).mean(axis=(0, 1)).max()))
             worst = max(worst, (differences[-1], a.source))
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--backend", default="dali-cpu", choices=["dali-cpu", "dali-gpu"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    root = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    root = real_data()
     results, notes = [], []
     for name, pattern, resize, encode in SETS:
         files = sorted(root.glob(pattern))

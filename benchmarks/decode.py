@@ -26,10 +26,11 @@ import argparse
 import io
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import emit, row
+from benchmarks.common import emit, rel, row, summary
 
 
 
@@ -44,8 +45,6 @@ def decoders() -> tuple[dict[str, Callable[[bytes], Any]], list[str]]:
 
     def as_tensor(data: bytes) -> Any:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
     from torchvision.io import ImageReadMode
@@ -110,7 +109,6 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.common import rel
     from benchmarks.fit import default_data
     from trainer.data import LoaderSpec
     from trainer.data.torch import transform
@@ -139,8 +137,7 @@ def main() -> None:
             identical = sum(torch.equal(found[name](data), ref) for data, ref in zip(images, reference))
             results.append(row(f"{name}-{fmt}", decode_rates[name], decoder=name, format=fmt,
                                decode_crop_img_s=statistics.median(crop_rates[name]),
-                               decode_crop_img_s_stats={"min": min(crop_rates[name]),
-                                                        "max": max(crop_rates[name])},
+                               decode_crop_img_s_stats=summary(crop_rates[name]),
                                identical=f"{identical}/{len(images)}"))
         base = next(r for r in results if r["name"] == f"torchvision-{fmt}")
         for result in results:

@@ -27,7 +27,7 @@ from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, gpu_name, rel, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, gpu_name, real_data, rel, row, timed_run, tool
 from trainer.host import ENV, keep_freed_memory
 
 CACHE = Path(__file__).parent / ".cache"
@@ -36,7 +36,7 @@ WARMUP = 3
 
 def default_data() -> Path:
     """clothing-small packed at shorter:256 (what the README's training recipe uses), made once."""
-    real = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    real = real_data()
     source, out = real / "clothing-small", CACHE / "clothing-small-256"
     if not (out / "dataset.json").exists():
         if not source.is_dir():

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tarfile
 import tempfile
@@ -66,7 +65,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, rel, row, timed_run
+from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, real_data, rel, row, timed_run
 
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -82,7 +81,7 @@ IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's 
 
 
 def default_files() -> Path:
-    real = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    real = real_data()
     return real / "clothing-small" / "train"
 
 
@@ -107,6 +106,11 @@ def copy_dir(shards: Path, kind: str) -> Path:
     dataset in a folder of the same name never reuses a stale copy."""
     digest = hashlib.sha256((shards / "dataset.json").read_bytes()).hexdigest()[:12]
     return CACHE / f"{shards.name}-{digest}-{kind}"
+
+
+def train_count(shards: Path) -> int:
+    """The training split's samples, as the manifest counts them."""
+    return json.loads((shards / "dataset.json").read_text())["splits"]["train"]["num_samples"]
 
 
 def resized_files(shards: Path) -> Path:
@@ -206,7 +210,7 @@ def run_webdataset(shards: Path, epochs: int) -> list[float]:
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls)).shuffle(BUFFER).decode("pil").to_tuple("jpg", "cls")
                .map_tuple(torchvision_transform(), lambda label: label))
     loader = data_loader(dataset)
-    return time_epochs(lambda e: images_of(loader), epochs, manifest["splits"]["train"]["num_samples"])
+    return time_epochs(lambda e: images_of(loader), epochs, train_count(shards))
 
 
 def run_webdataset_tuned(shards: Path, epochs: int) -> list[float]:
@@ -216,8 +220,7 @@ def run_webdataset_tuned(shards: Path, epochs: int) -> list[float]:
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls)).shuffle(BUFFER).decode("pil").to_tuple("jpg", "cls")
                .map_tuple(torchvision_transform(), lambda label: label).batched(BATCH))
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=WORKERS, persistent_workers=True, prefetch_factor=4)
-    total = sum(1 for _ in train_members(shards))
-    return time_epochs(lambda e: images_of(loader), epochs, total)
+    return time_epochs(lambda e: images_of(loader), epochs, train_count(shards))
 
 
 def run_dali_files(files: Path, device: str, epochs: int) -> list[float]:
@@ -396,7 +399,7 @@ def main() -> None:
                 "augment": "RandomResizedCrop + horizontal flip", "workers": WORKERS, "shuffle_buffer": BUFFER,
                 "persistent_workers": True, "prefetch_factor": 4, "webdataset_equal_shards": WDS_SHARDS,
                 "timed_epochs_per_process": args.epochs, "warmup_epochs": 1, "repeats": args.repeats,
-                "train_images": sum(1 for _ in train_members(args.data))}
+                "train_images": train_count(args.data)}
     emit("loader", settings, results, ["name", "img_s", "vs_imagefolder_256", "vs_imagefolder", "vs_ceiling",
                                         "vs_pil_ceiling", "peak_rss_mb"], args.json, notes)
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, other_venv, rel, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, other_venv, real_data, rel, row, timed_run, tool
 
 CONVERT = """
 import sys
@@ -159,7 +159,7 @@ def dali_version() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    default = real_data()
     parser.add_argument("--source", type=Path, default=default / "clothing-small", help="a class-folder dataset")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row")
     parser.add_argument("--size", type=int, default=256, help="shorter side after resizing")

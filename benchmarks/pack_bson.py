@@ -36,7 +36,7 @@ from typing import Any
 import bson  # pymongo's
 from PIL import Image
 
-from benchmarks.common import commit, rel, timed_run, write
+from benchmarks.common import commit, real_data, rel, timed_run, write
 from benchmarks.pack import measure, measure_rounds
 
 BARE_COPY = """
@@ -168,7 +168,7 @@ def shardtool_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(os.environ.get("SHARDTOOL_REAL_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    default = real_data()
     parser.add_argument("--data", type=Path, default=default, help="holds cdiscount/ and clothing-small/")
     parser.add_argument("--products", type=int, default=100_000, help="N; peak RSS is also taken at N/10")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row")
