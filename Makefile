@@ -30,14 +30,12 @@ browser:
 		echo "no chromium here: the browser test will be skipped"
 
 # Two test processes (pytest-xdist; TEST_WORKERS=0: one): 8.9 min instead of 13.1 for the same tests on this
-# 2-core machine (2026-12-02). tests/test_dali_backend.py then runs alone: DALI's pipeline Shutdown after a
-# failed batch segfaulted once while the other test process loaded both cores (in-process pack, --workers 0).
+# 2-core machine (2026-12-02).
 TEST_WORKERS ?= 2
 TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 
 test: venv browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --ignore=tests/test_dali_backend.py
-	$(TEST_ENV) $(BIN)/python -m pytest -q tests/test_dali_backend.py
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
 gpu-check: venv

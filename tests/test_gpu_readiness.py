@@ -12,7 +12,7 @@ from PIL import Image
 
 from shardtool.config import parse_resize
 from shardtool.errors import PackError
-from shardtool.process import dali
+from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.sample import Sample
 from trainer import distributed
@@ -29,8 +29,8 @@ def jpegs(n: int) -> list[Sample]:
     return items
 
 
-def spec() -> OutputSpec:
-    return OutputSpec(resize=parse_resize("shorter:16"), encode="jpg", quality=90, max_pixels=10**8, backend="dali-cpu")
+def spec(backend: str = "dali-cpu") -> OutputSpec:
+    return OutputSpec(resize=parse_resize("shorter:16"), encode="jpg", quality=90, max_pixels=10**8, backend=backend)
 
 
 def test_a_pipeline_that_cannot_be_built_stops_the_pack_instead_of_skipping_every_image(monkeypatch) -> None:
@@ -50,7 +50,7 @@ def test_a_pipeline_that_cannot_be_built_stops_the_pack_instead_of_skipping_ever
 ])
 def test_a_device_failure_while_decoding_stops_the_pack(monkeypatch, message: str, expected: str) -> None:
     monkeypatch.setattr(dali, "_pipelines", {"dali-cpu": object()})
-    monkeypatch.setattr(dali, "_discard", lambda backend: dali._pipelines.pop(backend, None))
+    monkeypatch.setattr(dali, "_failed", [])
     monkeypatch.setattr(dali, "_build", lambda backend: object())
 
     def fail(pipe, jobs, backend):
@@ -61,19 +61,26 @@ def test_a_device_failure_while_decoding_stops_the_pack(monkeypatch, message: st
         dali.process_batch(jpegs(2), spec())
 
 
-def test_every_image_of_a_batch_failing_is_dalis_problem_not_the_images(monkeypatch) -> None:
+def test_a_dali_failure_on_good_images_packs_them_and_the_rest_with_pil(monkeypatch, capsys) -> None:
+    """DALI cannot build a pipeline after one failed (shardtool/process/dali.py): the failed batch and every
+    later one go through the PIL path, all of them packed, with one warning line."""
     monkeypatch.setattr(dali, "_pipelines", {})
-    monkeypatch.setattr(dali, "_discard", lambda backend: dali._pipelines.pop(backend, None))
+    monkeypatch.setattr(dali, "_failed", [])
     monkeypatch.setattr(dali, "_build", lambda backend: object())
+    runs = []
 
     def fail(pipe, jobs, backend):
-        raise RuntimeError("Assert on \"ok\" failed: decode failed")
+        runs.append(len(jobs))
+        raise RuntimeError("Error in thread 0: [/opt/dali/decoder.cc:42] encountered:\nbad huffman table\nmore")
 
     monkeypatch.setattr(dali, "_run", fail)
-    with pytest.raises(PackError, match="failed on every image of a batch of 8"):
-        dali.process_batch(jpegs(8), spec())
-    results = dali.process_batch(jpegs(3), spec())  # a small batch of bad images stays skips
-    assert [r.reason for r in results] == ["corrupt_image"] * 3
+    first = dali.process_batch(jpegs(5), spec())
+    later = dali.process_batch(jpegs(3), spec())
+    assert runs == [5]  # DALI is not asked again in this process
+    by_pil = pil.process_batch(jpegs(5), spec("pil"))
+    assert [r.data for r in first] == [r.data for r in by_pil] and all(isinstance(r, Sample) for r in later)
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and "bad huffman table" in warning and "PIL path" in warning
 
 
 def test_auto_amp_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch) -> None:

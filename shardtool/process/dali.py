@@ -10,9 +10,12 @@ decoding and resizing done by DALI, the decoder family the trainer's DALI loader
               fn.slice(the plan's canvas, black where uncovered)  fit crops, pad pads, the rest is a no-op
          -> uint8 H x W x 3 on the host -> JPEG or PNG by PIL's encoder, as the PIL path; the input bytes when they already fit
 
-DALI stops a whole batch on one undecodable image, and the pipeline with it. A failed batch is split in
-halves and each half run again on a fresh pipeline, down to the image that fails, which becomes one
-`corrupt_image` skip; every other image of the batch is packed.
+DALI decodes JPEGs only, after the strict libjpeg-turbo pass of _jpeg_damage has found nothing wrong with
+them: DALI stops a whole batch on one undecodable image, and DALI 2.4 then cannot build another pipeline in
+that process (it segfaulted building the next one in 1 of 3 runs of 120 failed batches, under load; the
+failed pipeline cannot run again either). Every other format takes the PIL path, as damaged images do.
+Should DALI fail on a batch all the same, that batch and the rest of this process's items take the PIL
+path, with one warning line naming the first image: nothing is lost, and the process does not crash.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import importlib.util
 import multiprocessing
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +41,13 @@ from shardtool.sample import Item, Sample, Skip
 
 MAX_BATCH = 32  # pack hands over 32 items at a time (parallel.ordered_map)
 CPU_AUTO = "pil"  # --backend auto without a GPU: the faster on CPU here (benchmarks/pack.py, README)
-# Modes, per format, that DALI decodes to the same RGB as pil.to_rgb (tests/test_dali_backend.py checks them):
-# grey replicated, CMYK JPEGs converted, 16-bit PNGs scaled by 255/65535 and rounded, EXIF orientation applied.
-# Everything else takes the PIL path: alpha or a transparent colour (DALI drops alpha where we composite on
-# white), palettes, PIL's 32-bit modes, GIF (DALI has no GIF decoder), and raw pixel rows (not encoded).
-DALI_MODES = {"JPEG": {"RGB", "L", "CMYK"}, "MPO": {"RGB", "L", "CMYK"}, "PNG": {"RGB", "L", "I;16"},
-              "WEBP": {"RGB"}, "BMP": {"RGB", "L"}, "TIFF": {"RGB", "L"}}
+# Modes that DALI decodes to the same RGB as pil.to_rgb (tests/test_dali_backend.py checks them): grey
+# replicated, CMYK converted, EXIF orientation applied. JPEGs only (module docstring): PNG, WebP, BMP and
+# TIFF, which DALI decodes too, are checked by nothing short of a full decode, so they take the PIL path.
+DALI_MODES = {"JPEG": {"RGB", "L", "CMYK"}, "MPO": {"RGB", "L", "CMYK"}}
 _QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _pipelines: dict[str, Any] = {}  # one built pipeline per backend in this process
-EVERY_FAILED = 8  # a batch at least this big failing image by image is DALI's problem, not the images'
+_failed: list[Any] = []  # a pipeline that failed, kept: shutting it down or building another can segfault
 # What DALI says when the device, driver or memory failed rather than one image's data
 _SYSTEM_FAILURE = re.compile(r"CUDA error|CUDA_ERROR|cuda\w*Error|NVJPEG_STATUS_(ALLOCATOR_FAILURE|EXECUTION_FAILED|INTERNAL_ERROR|"
                              r"ARCH_MISMATCH|NOT_INITIALIZED)|out of memory|[Oo]ut of device memory")
@@ -92,11 +94,14 @@ def version() -> str:
 
 def process_batch(items: list[Item], spec: pil.OutputSpec) -> list[Item]:
     """Each item checked, decoded, resized and encoded, in order; DALI batches of up to MAX_BATCH."""
+    if _failed:  # DALI failed in this process before: the PIL path for the rest (module docstring)
+        return pil.process_batch(items, spec)
     results: list[Item | _Job] = [_screen(item, spec) for item in items]
     jobs = [(index, job) for index, job in enumerate(results) if isinstance(job, _Job)]
     for start in range(0, len(jobs), MAX_BATCH):
         chunk = jobs[start:start + MAX_BATCH]
-        for (index, job), pixels in zip(chunk, _decode([job for _, job in chunk], spec.backend)):
+        decoded = _decode([job for _, job in chunk], spec.backend)
+        for (index, job), pixels in zip(chunk, decoded or [None] * len(chunk)):
             results[index] = _finish(job, pixels, spec)
     return results  # type: ignore[return-value]  # every _Job was replaced
 
@@ -152,31 +157,22 @@ def _dali_decodes(image: Image.Image, turn: int | None) -> bool:
     return turn in (None, 1) or image.format in ("JPEG", "MPO")
 
 
-def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
-    """Each job's RGB pixels at its planned size, or why DALI could not decode it (failed batches bisected).
+def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray] | None:
+    """Each job's RGB pixels at its planned size; None when DALI failed on the batch (the PIL path takes it).
 
-    A failure that is not about one image's data stops the pack with one line instead of turning every
-    image into a `corrupt_image` skip: the pipeline cannot be built (CUDA, driver, nvJPEG, memory), DALI
-    names CUDA or memory, or every image of a batch of EVERY_FAILED or more fails on its own."""
-    results = _bisect(jobs, backend)
-    if len(jobs) >= EVERY_FAILED and all(isinstance(r, str) for r in results):
-        raise PackError(f"DALI ({backend}) failed on every image of a batch of {len(jobs)} (the first: "
-                        f"{results[0]}): not the images' fault; --backend pil packs without DALI")
-    return results
-
-
-def _bisect(jobs: list[_Job], backend: str) -> list[np.ndarray | str]:
+    A failure that is not about the images stops the pack with one line instead: the pipeline cannot be
+    built (CUDA, driver, nvJPEG, memory), or DALI names CUDA or memory."""
     pipe = _pipeline(backend)  # outside the try: a pipeline that cannot be built is no image's fault
     try:
         return _run(pipe, jobs, backend)
     except RuntimeError as error:  # how DALI reports an operator's failure; the pipeline is unusable after it
-        _discard(backend)
+        _failed.append(_pipelines.pop(backend))
         if _SYSTEM_FAILURE.search(str(error)):
             raise PackError(f"DALI ({backend}) failed: {_reason(error)}; --backend pil packs without DALI") from None
-        if len(jobs) == 1:
-            return [_reason(error)]
-        half = len(jobs) // 2
-        return _bisect(jobs[:half], backend) + _bisect(jobs[half:], backend)
+        print(f"warning: DALI ({backend}) failed on a batch of {len(jobs)} images that libjpeg-turbo decodes "
+              f"(the first: {jobs[0].item.source}): {_reason(error)}; this process packs the rest with the PIL "
+              "path", file=sys.stderr)
+        return None
 
 
 def _pipeline(backend: str) -> Any:
@@ -187,14 +183,6 @@ def _pipeline(backend: str) -> Any:
             raise PackError(f"DALI could not set up its {backend} pipeline: {_reason(error)}; "
                             "--backend pil packs without DALI") from None
     return _pipelines[backend]
-
-
-def _discard(backend: str) -> None:
-    broken = _pipelines.pop(backend, None)
-    if broken is not None:
-        # Shut it down here, not whenever the cyclic garbage collector reaches it: once (CI, 2026-12-02)
-        # that was in the middle of building the next pipeline, and the process segfaulted there.
-        broken._shutdown()  # DALI's own __del__ step; it has no public close()
 
 
 def _run(pipe: Any, jobs: list[_Job], backend: str) -> list[np.ndarray]:
@@ -239,10 +227,10 @@ def _reason(error: RuntimeError) -> str:
     return lines[0] if lines else "undecodable"
 
 
-def _finish(job: _Job, pixels: np.ndarray | str, spec: pil.OutputSpec) -> Item:
+def _finish(job: _Job, pixels: np.ndarray | None, spec: pil.OutputSpec) -> Item:
     item = job.item
-    if isinstance(pixels, str):
-        return Skip("corrupt_image", item.key, item.source, f"DALI decode: {pixels}", item.group, item.split)
+    if pixels is None:  # DALI failed on the batch
+        return pil.process(item.with_(data=job.data, path=None), spec)
     encoded, written = (job.data, pixels) if job.keep else _encode(pixels, spec)
     meta = {**item.meta, "width": written.shape[1], "height": written.shape[0]}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta, stats=_stats(written))
