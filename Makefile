@@ -9,7 +9,7 @@ DEMO := demo-output
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,dali,train,export,serve,interop]'
+	$(BIN)/pip install -q -e '.[dev,dali,train,s3,export,serve,interop]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -53,7 +53,32 @@ HELP = {
     "norm": "model: normalise with the backbone's mean/std | dataset: with the manifest's.",
     "device": "auto | cpu | cuda | cuda:N.", "seed": "Seed of the data order, augmentation and head init.",
     "log_keys": "Write every training batch's sample keys to OUT/keys/rank-R.tsv (audit of exact epochs/resume).",
+    "timeout": "URL DATA: seconds without a byte before a request is retried (resumed from the byte it reached).",
+    "retries": "URL DATA: failed requests in a row, without progress, before the run stops naming the shard "
+               "and byte range (--on-corrupt skip: counts the samples lost and goes on).",
+    "cache": "URL DATA: keep whole shards in this folder (checked against the manifest's sha256; needed by "
+             "--loader dali).",
+    "cache_size": "GB the --cache may hold; least recently used shards go first [0: no cap].",
 }
+
+
+def remote_options(command: Any) -> Any:
+    """--timeout, --retries, --cache, --cache-size for evaluate and predict, as fit has them (FitConfig)."""
+    from trainer.config import FitConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    for name in reversed(("timeout", "retries", "cache", "cache_size")):
+        kind = {"timeout": float, "retries": int, "cache": str, "cache_size": float}[name]
+        command = click.option("--" + name.replace("_", "-"), name, type=kind, default=defaults[name],
+                               show_default=True, help=HELP[name])(command)
+    return command
+
+
+def remote_from(options: dict[str, Any]) -> Any:
+    from trainer.remote import Remote
+
+    return Remote(timeout=options["timeout"], retries=options["retries"], cache=options["cache"],
+                  cache_gb=options["cache_size"])
 
 
 class Command(click.Command):
@@ -192,12 +217,13 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
                                      "predict on files, export and serve give (float32).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, num_samples, ...).")
+@remote_options
 def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, loader: str, device: str, amp: str,
-             as_json: bool) -> None:
+             as_json: bool, **remote: Any) -> None:
     """Evaluate checkpoint CKPT on a split of DATA: loss, top-1, top-5, accuracy per category level."""
     from trainer.predict import evaluate_checkpoint, load_predictor
 
-    predictor = load_predictor(ckpt, data, device, amp)
+    predictor = load_predictor(ckpt, data, device, amp, remote_from(remote))
     result, _ = evaluate_checkpoint(predictor, split, batch_size=batch_size, workers=workers, loader=loader)
     if as_json:
         click.echo(json.dumps(result | {"split": split}))
@@ -224,8 +250,9 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
 @click.option("--device", default="auto", show_default=True)
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
                                      "predict on files, export and serve give (float32).")
+@remote_options
 def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: bool, k: int, as_json: bool,
-            batch_size: int, workers: int, loader: str, device: str, amp: str) -> None:
+            batch_size: int, workers: int, loader: str, device: str, amp: str, **remote: Any) -> None:
     """Predict with CKPT on a split of shards (DATA) or on image files, folders and globs.
 
     \b
@@ -240,7 +267,7 @@ def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: boo
     if len(inputs) == 1 and is_shards(inputs[0]):
         from trainer.predict import load_predictor, predict_csv
 
-        predictor = load_predictor(ckpt, inputs[0], device, amp)
+        predictor = load_predictor(ckpt, inputs[0], device, amp, remote_from(remote))
         target = Path(out or "preds.csv")
         rows = predict_csv(predictor, split, target, group=group, batch_size=batch_size, workers=workers,
                            loader=loader)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError
+from trainer.remote import Remote
 
 # Options that decide which sample meets which weights: changing them breaks an exact resume.
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
@@ -62,6 +63,14 @@ class FitConfig:
     device: str = "auto"
     seed: int = 0
     log_keys: bool = False  # audit: OUT/keys/rank-R.tsv lists every training batch's sample keys
+    timeout: float = 30.0  # URL DATA: seconds without a byte before a request is retried
+    retries: int = 5  # URL DATA: failed requests in a row (no progress) before the run stops
+    cache: str = ""  # URL DATA: keep whole shards in this folder, checked against the manifest's sha256
+    cache_size: float = 0.0  # GB the cache may hold (least recently used shards go); 0: no cap
+
+    @property
+    def remote(self) -> Remote:
+        return Remote(timeout=self.timeout, retries=self.retries, cache=self.cache, cache_gb=self.cache_size)
 
     def validate(self) -> FitConfig:
         choices = {"optimizer": ("adamw", "sgd"), "amp": ("auto", "bf16", "fp16", "none"),

@@ -1,7 +1,7 @@
 """DATA as the trainer sees it: a shardtool manifest plus where its shards live.
 
-DATA is a shardtool output folder, a URL prefix of one (`https://host/shards/`, `pipe:...` is not a
-folder), or a brace pattern of shards (`out/train-{000000..000009}.tar`) whose folder holds the
+DATA is a shardtool output folder, a URL of one (`https://host/shards/`, `s3://bucket/prefix/`, any
+fsspec URL; read through trainer/remote.py), or a brace pattern of shards (`out/train-{000000..000009}.tar`) whose folder holds the
 dataset.json; a pattern keeps only the shards it names. Every count the loaders rely on (samples
 per split and per shard, classes, normalisation) comes from the manifest, never from reading shards.
 """
@@ -19,6 +19,7 @@ from braceexpand import braceexpand
 
 from shardtool.errors import ConfigError
 from shardtool.manifest import FORMAT, NAME, VERSION
+from trainer.remote import Remote, RemoteError, fetch
 
 SPLIT_ALIASES = {"val": ("val", "validation", "valid"), "validation": ("validation", "val", "valid"),
                  "valid": ("valid", "val", "validation")}
@@ -27,9 +28,11 @@ _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 @dataclass(frozen=True)
 class Shard:
-    url: str  # a local path or a URL webdataset.gopen can open
+    url: str  # a local path or a URL (trainer/remote.py reads it)
     index_url: str  # its DALI .idx
     num_samples: int
+    sha256: str = ""  # the manifest's, checked by --cache
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Dataset:
 
     def shards(self, split: str, check: bool = True) -> list[Shard]:
         name = self.split_name(split) if check else split
-        return [Shard(_join(self.root, s["name"]), _join(self.root, s["index"]), s["num_samples"])
+        return [Shard(_join(self.root, s["name"]), _join(self.root, s["index"]), s["num_samples"], s.get("sha256", ""),
+                      s.get("bytes", 0))
                 for s in self.manifest["splits"][name]["shards"]
                 if self.selected is None or s["name"] in self.selected]
 
@@ -82,15 +86,16 @@ class Dataset:
         return self.class_names
 
 
-def open_dataset(data: str) -> Dataset:
-    """Read DATA's manifest; a folder without one, or a wrong file, is a one-line ConfigError."""
+def open_dataset(data: str, remote: Remote = Remote()) -> Dataset:
+    """Read DATA's manifest (a URL's through REMOTE's timeouts and retries); a folder without one, or a wrong
+    file, is a one-line ConfigError."""
     selected = None
     root = data
     if "{" in data or data.endswith(".tar"):
         names = [posixpath.basename(p) for p in braceexpand(data)]
         selected = frozenset(names)
         root = posixpath.dirname(data) or "."
-    text = _read_text(_join(root, NAME), data)
+    text = _read_text(_join(root, NAME), data, remote)
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as error:
@@ -108,7 +113,7 @@ def open_dataset(data: str) -> Dataset:
 
 
 def is_url(path: str) -> bool:
-    """A URL webdataset's gopen reads (https://, s3://, ...), not a local path."""
+    """A URL (https://, s3://, ...), not a local path."""
     return bool(_URL.match(path))
 
 
@@ -118,15 +123,12 @@ def _join(root: str, name: str) -> str:
     return str(Path(root) / name)
 
 
-def _read_text(path: str, data: str) -> str:
+def _read_text(path: str, data: str, remote: Remote) -> str:
     if _URL.match(path):
-        from webdataset import gopen
-
         try:
-            with gopen(path) as stream:
-                return stream.read().decode("utf-8")
+            return fetch(path, remote).decode("utf-8")
         except (OSError, ValueError) as error:
-            raise ConfigError(f"cannot read {path}: {error}") from None
+            raise ConfigError(str(error) if isinstance(error, RemoteError) else f"cannot read {path}: {error}") from None
     if not Path(data).exists() and "{" not in data:
         raise ConfigError(f"{data} does not exist")
     if not Path(path).is_file():

@@ -127,7 +127,7 @@ def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, d
                       scale=(config.crop_scale, 1.0),
                       labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
-                      device=str(device))
+                      device=str(device), remote=config.remote)
 
 
 def make_optimizer(config: FitConfig, model: Model) -> torch.optim.Optimizer:
@@ -159,7 +159,7 @@ def set_frozen(model: Model, frozen: bool, freeze_bn: bool = False) -> None:
 
 
 def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) -> Run:
-    dataset = open_dataset(config.data)
+    dataset = open_dataset(config.data, config.remote)
     if not dataset.classes:
         raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to train on")
     device = resolve_device(config.device, dist)
@@ -169,6 +169,10 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
         model.module.to(memory_format=torch.channels_last)
     model.module.to(device)
     train = make_loader(loader_spec(config, dataset, model, dist, device, config.train_split, True), config.loader)
+    if not train.num_batches:
+        raise ConfigError(f"process {dist.rank} of {dist.world} gets no training samples: {config.train_split} has "
+                          f"{dataset.num_samples(config.train_split):,} in {len(dataset.shards(config.train_split))} "
+                          "shards; use fewer processes")
     val = None
     if dataset.has_split(config.val_split):
         val = make_loader(loader_spec(config, dataset, model, dist, device, config.val_split, False), config.loader)
@@ -304,6 +308,9 @@ def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]
         result = evaluate(run.kept, run.val.epoch(epoch), meter, amp=run.amp, num_batches=run.val.num_batches,
                           on_corrupt=config.on_corrupt, after_step=lambda s: progress(epoch, s))
         row |= val_columns(result)
+        val_retries, val_resumed = all_sum([result["retries"], result["resumed"]], run.device)
+        row["retries"] += int(val_retries)  # URL DATA: the validation reads' too
+        row["resumed"] += int(val_resumed)
     state.epoch, state.batch, state.partial = epoch + 1, 0, {}
     judge(run, row)
     save(run, "last.pt")
@@ -376,14 +383,15 @@ def make_mix(config: FitConfig, num_classes: int) -> Callable[..., Any] | None:
 
 
 def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
-    loss, correct, seen, seconds, wait, skipped = all_sum([sums.loss, sums.correct, sums.seen, sums.seconds,
-                                                           sums.data_seconds, len(sums.skipped)], run.device)
+    loss, correct, seen, seconds, wait, skipped, retries, resumed = all_sum(
+        [sums.loss, sums.correct, sums.seen, sums.seconds, sums.data_seconds, len(sums.skipped), sums.retries,
+         sums.resumed], run.device)
     world, total = run.dist.world, seconds + wait  # seconds: compute only; wait: blocked on the loader
     backbone_lr = next((g["lr"] for g in run.optimizer.param_groups if g.get("part") == "backbone"), None)
     return {"epoch": run.state.epoch + 1, "lr": run.optimizer.param_groups[-1]["lr"], "backbone_lr": backbone_lr,
             "train_loss": loss / max(seen, 1), "train_top1": correct / max(seen, 1),
             "img_s": seen / max(total / world, 1e-9), "data_wait": wait / max(total, 1e-9),
-            "seconds": total / world, "skipped": int(skipped)}
+            "seconds": total / world, "skipped": int(skipped), "retries": int(retries), "resumed": int(resumed)}
 
 
 def new_meter_for(dataset: Dataset, device: torch.device) -> EvalMeter:

@@ -55,6 +55,8 @@ class TrainSums:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     data_seconds: float = 0.0
+    retries: int = 0  # URL DATA: failed requests retried by the loader (trainer/remote.py)
+    resumed: int = 0  # of which transfers resumed from the byte they had reached
 
 
 def timed(batches: Iterator[Batch], sums: TrainSums) -> Iterator[Batch]:
@@ -66,6 +68,8 @@ def timed(batches: Iterator[Batch], sums: TrainSums) -> Iterator[Batch]:
         except StopIteration:
             return
         sums.data_seconds += time.perf_counter() - start
+        sums.retries += batch.io.get("retries", 0)
+        sums.resumed += batch.io.get("resumed", 0)
         yield batch
 
 
@@ -144,4 +148,4 @@ def evaluate(model: nn.Module, batches: Iterator[Batch], meter: EvalMeter, *, am
             after_step(Step("eval", index + 1, num_batches, sums.seen, 0.0, sums.seconds + sums.data_seconds,
                             sums.data_seconds))
     meter.reduce()
-    return meter.result() | {"skipped": len(sums.skipped)}
+    return meter.result() | {"skipped": len(sums.skipped), "retries": sums.retries, "resumed": sums.resumed}

@@ -26,6 +26,7 @@ import torch
 from trainer.checkpoint import check_classes, load_checkpoint
 from trainer.data import Batch, LoaderSpec, eval_spec, make_loader
 from trainer.dataset import Dataset, is_url, open_dataset
+from trainer.remote import Remote
 from trainer.fit import make_amp, new_meter_for, resolve_device
 from trainer.infer import Preprocessing, Result
 from trainer.loop import evaluate
@@ -67,11 +68,12 @@ class Predictor:
     checkpoint: dict[str, Any]
     device: torch.device
     amp: str  # the checkpoint's amp unless overridden: bf16 is ~4x faster on a CPU, none matches files exactly
+    remote: Remote = Remote()  # how URL DATA is read
 
 
-def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "") -> Predictor:
+def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "", remote: Remote = Remote()) -> Predictor:
     checkpoint = load_checkpoint(ckpt)
-    dataset = open_dataset(data)
+    dataset = open_dataset(data, remote)
     if dataset.classes:
         check_classes(checkpoint, dataset.class_names, data)
     config = checkpoint["config"]
@@ -79,13 +81,14 @@ def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "") ->
     model.module.load_state_dict(checkpoint["model"])
     target = resolve_device(device)
     model.module.to(target).to(memory_format=torch.channels_last).eval()
-    return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"])
+    return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"], remote)
 
 
 def split_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
     pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
     return eval_spec(tuple(p.dataset.shards(split)), pre, batch_size, labelled=p.dataset.labelled(split),
-                     workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"])
+                     workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"],
+                     remote=p.remote)
 
 
 def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int = 2,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from trainer.dataset import Shard
+from trainer.remote import Remote
 from trainer.errors import ConfigError
 from trainer.infer import Preprocessing, eval_resize
 
@@ -43,6 +44,7 @@ class LoaderSpec:
     streams: int = 64  # training: blocks each worker reads from at once, in turn (plan.py)
     on_corrupt: str = "fail"  # fail: stop with shard and key; skip: count and go on
     device: str = "cpu"
+    remote: Remote = Remote()  # how URL shards are read: timeouts, retries, --cache
 
     @property
     def eval_resize(self) -> int:
@@ -56,6 +58,7 @@ class Batch:
     keys: list[str]
     groups: list[str]  # what the split was hashed on (BSON: the product _id)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why) dropped from this batch
+    io: dict[str, int] = field(default_factory=dict)  # remote reads since the last batch: retries, resumed, ...
 
     def __len__(self) -> int:
         return len(self.keys)

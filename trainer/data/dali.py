@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import json
+import dataclasses
 import math
 import random
 import re
@@ -47,7 +48,8 @@ import torch
 
 from trainer.data import Batch, LoaderSpec
 from trainer.data.plan import epoch_shards, rank_samples
-from trainer.dataset import Shard
+from trainer.cache import ShardCache
+from trainer.dataset import Shard, is_url
 from trainer.errors import ConfigError, TrainError
 
 IMAGE_EXTS = "jpg;jpeg;png;webp"
@@ -117,13 +119,32 @@ def find_corrupt(spec: LoaderSpec, shards: list[Shard], seed: int, batch: int) -
     return None
 
 
+def local_shards(spec: LoaderSpec) -> LoaderSpec:
+    """DALI's reader opens local files: URL shards are fetched into --cache first (all of the split's)."""
+    remote = [shard for shard in spec.shards if is_url(shard.url)]
+    if not remote:
+        return spec
+    if not spec.remote.cache:
+        raise ConfigError("--loader dali reads shards from local files: give URL DATA a --cache DIR, or use --loader torch")
+    total = sum(shard.bytes for shard in spec.shards)
+    if spec.remote.cache_gb and total > spec.remote.cache_gb * 1e9:
+        raise ConfigError(f"--loader dali needs the whole split in --cache: {total / 1e9:.1f} GB, more than "
+                          f"--cache-size {spec.remote.cache_gb:g}; raise it or use --loader torch")
+    cache = ShardCache(spec.remote)
+    local = []
+    for shard in spec.shards:
+        tar, index = cache.local(shard.url, shard.sha256, shard.index_url)
+        local.append(dataclasses.replace(shard, url=str(tar), index_url=str(index)))
+    return dataclasses.replace(spec, shards=tuple(local))
+
+
 class DaliLoader:
     """One DALI pipeline per epoch; batches trimmed to the rank's planned samples."""
 
     def __init__(self, spec: LoaderSpec) -> None:
         if spec.on_corrupt != "fail":
             raise ConfigError("--on-corrupt skip needs --loader torch (DALI stops at the first corrupt image)")
-        self.spec = spec
+        self.spec = spec = local_shards(spec)
         self.num_samples = rank_samples(spec.shards, spec.rank, spec.world, spec.train)
         self.num_batches = math.ceil(self.num_samples / spec.batch_size)
         self.device = torch.device(spec.device)

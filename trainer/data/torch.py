@@ -26,7 +26,7 @@ import os
 import random
 import tarfile
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from pathlib import Path
@@ -41,55 +41,110 @@ from torchvision.transforms.v2 import functional as F
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from shardtool.process.pil import to_rgb
+from trainer.cache import ShardCache
 from trainer.data import Batch, LoaderSpec
 from trainer.data.plan import Segment, rank_samples, worker_plan
+from trainer.dataset import is_url
+from trainer.remote import COUNTS, RangeReader, Remote, RemoteError, fetch
 from trainer.infer import eval_crop, normalize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RATIO = (3 / 4, 4 / 3)
 WHOLE_SHARD_STREAMS = 4  # shards streamed whole (no local .idx) that a worker reads at once
+# A remote segment up to this size is read in one go (a training block of 16 samples: ~0.5 MB), so the
+# `streams` blocks a worker interleaves do not each hold a connection open; longer ones (eval reads whole
+# shards) are streamed.
+WHOLE_READ = 16 << 20
 
 
-def read_segment(segment: Segment) -> Iterator[dict[str, Any]]:
+def read_segment(segment: Segment, remote: Remote = Remote()) -> Iterator[dict[str, Any]]:
     """Raw samples START..STOP of one shard; a damaged tar raises with the shard's name.
 
     Read through the shard's index (the .idx DALI reads: each member's offset and size), one seek and
     one read per sample, because parsing the tar headers with tarfile costs ~100 us a sample, a sixth
-    of a worker's time. A shard without an index is read with webdataset's tar iterator.
+    of a worker's time. A remote shard (a URL) is read the same way through one byte-range request for
+    the whole segment (trainer/remote.py: timeouts, retries, resume), or from the --cache copy. A
+    local shard without an index is read with webdataset's tar iterator.
     """
-    index = Path(segment.shard.index_url) if segment.shard.index_url else None
+    shard = segment.shard
+    url, index_url = shard.url, shard.index_url
+    if remote.cache and is_url(url):
+        tar_path, index_path = ShardCache(remote).local(url, shard.sha256, index_url)
+        url, index_url = str(tar_path), str(index_path)
+    if is_url(url):
+        lines = remote_index(index_url, remote)[segment.start:segment.stop]
+        members = [_members(line, index_url) for line in lines]
+        begin = members[0][1][0][1] if members else 0
+        end = max((offset + size for _, parts in members[-1:] for _, offset, size in parts), default=0)
+        with RangeReader(url, begin, end, remote) as tar:
+            if end - begin <= WHOLE_READ:  # a training block: read at once, its connection free for the next
+                tar = Buffered(tar.read(end - begin), begin)
+            yield from _samples(members, tar, url, segment.stop - segment.start, index_url)
+        return
+    index = Path(index_url) if index_url else None
     if index is None or not index.is_file():
-        source = [{"url": segment.shard.url}]
+        source = [{"url": url}]
         yield from islice(group_by_keys(tar_file_expander(url_opener(source))), segment.start, segment.stop)
         return
-    expected = segment.stop - segment.start
     stat = index.stat()
     starts = line_starts(str(index), stat.st_size, stat.st_mtime_ns)
-    with open(index, "rb") as lines, open(segment.shard.url, "rb") as tar:
+    with open(index, "rb") as file, open(url, "rb") as tar:
         if segment.start < len(starts):
-            lines.seek(starts[segment.start])
+            file.seek(starts[segment.start])
         else:  # an index shorter than the manifest says: nothing to read, reported below
-            lines.seek(0, os.SEEK_END)
-        for raw in islice(lines, expected):
-            line = raw.decode("utf-8", "replace")
-            try:
-                fields = line.split()
-                members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
-                key = fields[3][: -len(fields[0]) - 1]
-            except (IndexError, ValueError):
-                raise ValueError(f"{index} has an unreadable line: {line.strip()[:80]!r}") from None
-            first = members[0][1]
-            tar.seek(first)
-            data = tar.read(max(offset + size for _, offset, size in members) - first)
-            sample: dict[str, Any] = {"__key__": key, "__url__": segment.shard.url}
-            for ext, offset, size in members:
-                sample[ext] = data[offset - first:offset - first + size]
-                if len(sample[ext]) != size:
-                    raise ValueError(f"{segment.shard.url} is shorter than its index says (truncated?)")
-            yield sample
-            expected -= 1
+            file.seek(0, os.SEEK_END)
+        members = (_members(line, index_url) for line in islice(file, segment.stop - segment.start))
+        yield from _samples(members, tar, url, segment.stop - segment.start, index_url)
+
+
+class Buffered:
+    """Bytes read from offset START of a shard, with the seek/read of a file."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self.data, self.start, self.pos = memoryview(data), start, start
+
+    def seek(self, position: int) -> None:
+        self.pos = position
+
+    def read(self, size: int) -> bytes:
+        chunk = self.data[self.pos - self.start:self.pos - self.start + size].tobytes()
+        self.pos += len(chunk)
+        return chunk
+
+
+def _members(raw: bytes, index: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """One .idx line -> (key, [(ext, offset, size), ...])."""
+    line = raw.decode("utf-8", "replace")
+    try:
+        fields = line.split()
+        members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
+        return fields[3][: -len(fields[0]) - 1], members
+    except (IndexError, ValueError):
+        raise ValueError(f"{index} has an unreadable line: {line.strip()[:80]!r}") from None
+
+
+def _samples(members: Iterable[tuple[str, list[tuple[str, int, int]]]], tar: Any, url: str,
+             expected: int, index: str) -> Iterator[dict[str, Any]]:
+    """Each sample's members read from TAR (a file or a RangeReader: forward seeks only)."""
+    for key, parts in members:
+        first = parts[0][1]
+        tar.seek(first)
+        data = tar.read(max(offset + size for _, offset, size in parts) - first)
+        sample: dict[str, Any] = {"__key__": key, "__url__": url}
+        for ext, offset, size in parts:
+            sample[ext] = data[offset - first:offset - first + size]
+            if len(sample[ext]) != size:
+                raise ValueError(f"{url} is shorter than its index says (truncated?)")
+        yield sample
+        expected -= 1
     if expected:
         raise ValueError(f"{index} lists {expected} fewer samples than the manifest")
+
+
+@functools.lru_cache(maxsize=64)
+def remote_index(url: str, remote: Remote) -> list[bytes]:
+    """A remote .idx's sample lines (line 0, the header, dropped), fetched once per worker process."""
+    return fetch(url, remote).splitlines(keepends=True)[1:]
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,15 +270,17 @@ class ShardStream(IterableDataset):
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
-        # blocks need random access: through local .idx files (a URL's shards are streamed whole, in order)
-        self.block = spec.block if all(Path(s.index_url).is_file() for s in spec.shards) else 0
+        # blocks need random access through .idx files: a URL's (fetched), or local ones that exist
+        self.block = spec.block if all(is_url(s.index_url) or Path(s.index_url).is_file() for s in spec.shards) else 0
         self.streams = spec.streams if self.block else min(spec.streams, WHOLE_SHARD_STREAMS)
         # (epoch, start batch) in shared memory: the persistent workers, forked once, read it at each epoch
         self.position = multiprocessing.RawArray("q", 2)
+        self._io_sent: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         epoch, start_batch = self.position
+        self._io_sent = COUNTS.copy()  # batches carry this process's remote-read counts from here on
         info = get_worker_info()
         workers = max(spec.workers, 1)
         # DataLoader worker j plays planned worker (j + start) % workers, so batch start comes first.
@@ -244,19 +301,20 @@ class ShardStream(IterableDataset):
         streams = (self._read(segment) for segment in plan)
         return interleave(streams, self.streams) if self.spec.train else chain.from_iterable(streams)
 
-    @staticmethod
-    def _read(segment: Segment) -> Iterator[dict[str, Any]]:
-        """The segment's raw samples; a damaged shard gives one error sample per sample it lost."""
+    def _read(self, segment: Segment) -> Iterator[dict[str, Any]]:
+        """The segment's raw samples; a damaged or unreachable shard gives one error sample per sample lost
+        (the rest of the segment: --on-corrupt fail stops at the first, skip counts them all)."""
         seen = 0
         try:
-            for sample in read_segment(segment):
+            for sample in read_segment(segment, self.spec.remote):
                 seen += 1
                 yield sample
         except (tarfile.TarError, OSError, ValueError) as error:
             where = f"{segment.shard.url} after sample {segment.start + seen}"
-            yield {"__key__": where, "__error__": f"corrupt shard: {error}"}
-            for _ in range(segment.stop - segment.start - seen - 1):
-                yield {"__key__": where, "__error__": "lost to the corrupt shard above"}
+            why = str(error) if isinstance(error, RemoteError) else f"corrupt shard: {error}"
+            lost = segment.stop - segment.start - seen
+            for _ in range(lost):  # each carries the reason: the shuffle buffer may put any of them first
+                yield {"__key__": where, "__error__": f"{why} (one of the {lost} samples this read lost)"}
 
     def _collate(self, chunk: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
         images, labels, keys, groups, skipped = [], [], [], [], []
@@ -276,8 +334,9 @@ class ShardStream(IterableDataset):
         size = self.spec.image_size
         # default_collate stacks straight into shared memory inside a worker: no copy when the batch is sent
         stacked = default_collate(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        io, self._io_sent = COUNTS - self._io_sent, COUNTS.copy()  # this process's retries, resumes since the last batch
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "keys": keys,
-                "groups": groups, "skipped": skipped}
+                "groups": groups, "skipped": skipped, "io": dict(io)}
 
 
 def _chunks(samples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -325,4 +384,4 @@ class TorchLoader:
         # chaining float(), -, / and contiguous(), which allocate and walk a 38 MB batch four times.
         images = normalize(raw["images"].to(self.device, non_blocking=True), self.mean, self.inverse_std)
         labels = raw["labels"].to(self.device, non_blocking=True)
-        return Batch(images, labels, raw["keys"], raw["groups"], raw["skipped"])
+        return Batch(images, labels, raw["keys"], raw["groups"], raw["skipped"], raw.get("io", {}))
