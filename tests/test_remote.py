@@ -9,7 +9,6 @@ shards. Over S3, moto's server on 127.0.0.1 stands in for the bucket.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -207,3 +206,26 @@ def test_an_epoch_over_s3_is_the_local_epoch(packed: Path, local: Epoch, monkeyp
         same_epoch(got, read_epoch(packed, workers=2))
     finally:
         server.stop()
+
+
+@pytest.mark.dali
+def test_the_dali_loader_reads_urls_through_the_cache(packed: Path, server: FaultServer, tmp_path: Path) -> None:
+    from shardtool.errors import ConfigError
+    from trainer.data import dali_available, make_loader
+
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+
+    def dali_epoch(data: str | Path, remote: Remote) -> list:
+        dataset = open_dataset(str(data), remote)
+        spec = LoaderSpec(shards=tuple(dataset.shards("train")), batch_size=8, image_size=32, mean=MEAN, std=STD,
+                          train=True, workers=1, remote=remote)
+        return list(make_loader(spec, "dali").epoch(1))
+
+    with pytest.raises(ConfigError, match="--loader dali reads shards from local files: give URL DATA a --cache DIR"):
+        dali_epoch(server.url, QUICK)
+    server.inject("drop", times=2)
+    over_http = dali_epoch(server.url, replace(QUICK, cache=str(tmp_path / "cache")))
+    local = dali_epoch(packed, QUICK)
+    assert [b.keys for b in over_http] == [b.keys for b in local]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(over_http, local, strict=True))

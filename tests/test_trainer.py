@@ -24,6 +24,7 @@ import torch
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
+from tests.faultserver import FaultServer
 from trainer.keylog import read_keys
 from trainer.models import create_model
 
@@ -63,12 +64,25 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.pt", weights_only=True)["model"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def served(data: Path):
+    """DATA over HTTP from a server on 127.0.0.1 that breaks some requests (tests/faultserver.py): every 4th
+    shard request is dropped half way, every 5th answered 503."""
+    with FaultServer(data) as server:
+        server.inject("drop", times=None, every=4)
+        server.inject("503", times=None, every=5)
+        yield server
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, served: FaultServer,
+                                                                    tmp_path: Path) -> None:
+    """The uninterrupted run reads local files; the killed and resumed one reads them over a failing HTTP
+    server: the same samples, order, weights and metrics."""
     args = [data, "--epochs", "3", "--checkpoint-every", "1", "--ema-epochs", "0.5", *TINY]
     trainer("fit", args[0], tmp_path / "whole", *args[1:])
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", str(data), str(killed), *map(str, args[1:])],
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", served.url, str(killed), *map(str, args[1:])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = killed / "keys" / "rank-0.tsv"
     deadline = time.time() + 300
@@ -81,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, 
     state = torch.load(killed / "last.pt", weights_only=True)["state"]
     assert state["epoch"] == 1 and 0 < state["batch"] < 30, state  # the kill landed inside epoch 2
 
-    trainer("fit", data, killed, "--resume")
+    trainer("fit", served.url, killed, "--resume")
 
     whole, resumed = read_keys(tmp_path / "whole" / "keys" / "rank-0.tsv"), read_keys(log)
     assert resumed == whole  # same samples, same order, nothing repeated or skipped
@@ -97,6 +111,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data: Path, 
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # the killed epoch's row is written once
     for column in ("train_loss", "train_top1", "val_loss", "val_top1"):
         assert [r[column] for r in rows] == [r[column] for r in whole_rows], column
+    faults = sum(1 for _, _, fault in served.log.requests if fault)
+    assert faults > 20 and sum(int(r["retries"]) for r in rows) > 0  # the network failed, and it shows
+    assert all(int(r["retries"]) == 0 for r in whole_rows)
 
 
 def test_with_an_ema_best_pt_holds_the_average_that_was_validated(data: Path, tmp_path: Path) -> None:
@@ -156,10 +173,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_see_each_training_sample_once_per_epoch(data: Path, tmp_path: Path) -> None:
+def test_ddp_two_processes_see_each_training_sample_once_per_epoch(data: Path, served: FaultServer,
+                                                                  tmp_path: Path) -> None:
+    """Over the failing HTTP server."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "trainer", "fit", str(data), str(out), "--epochs", "2", *TINY]
+           "--master-port", str(free_port()), "-m", "trainer", "fit", served.url, str(out), "--epochs", "2", *TINY]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [read_keys(out / "keys" / f"rank-{r}.tsv") for r in (0, 1)]
@@ -169,6 +188,31 @@ def test_ddp_two_processes_see_each_training_sample_once_per_epoch(data: Path, t
         assert not set(a) & set(b) and set(a) | set(b) == train_keys(data)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test"]["num_samples"] == 20  # eval reduced over both ranks: every test sample once
+    assert sum(1 for _, _, fault in served.log.requests if fault) > 10
+
+
+def test_a_server_that_stalls_stops_the_run_with_one_line(data: Path, tmp_path: Path) -> None:
+    with FaultServer(data) as server:
+        server.inject("stall", times=None, match="train-000002.tar")
+        start = time.perf_counter()
+        result = trainer("fit", server.url, tmp_path / "run", "--epochs", "1", "--timeout", "1", "--retries", "1",
+                         *TINY, check=False)
+        took = time.perf_counter() - start
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot read {server.url}train-000002.tar bytes " in line and "gave up after 2 tries" in line
+    print(f"\nstalled shard, --timeout 1 --retries 1: exit 2 after {took:.1f} s (start-up included): {line}")
+
+
+def test_a_process_that_would_get_no_training_samples_is_refused(data: Path, tmp_path: Path) -> None:
+    from trainer.config import FitConfig
+    from trainer.distributed import Dist
+    from trainer.errors import ConfigError
+    from trainer.fit import build_run
+
+    config = FitConfig(str(data), str(tmp_path / "run"), model="tiny_cnn", weights="none", amp="none", workers=0)
+    with pytest.raises(ConfigError, match="process 1 of 121 gets no training samples: train has 120"):
+        build_run(config, Dist(rank=1, world=121), None)
 
 
 def test_fit_evaluate_predict_outputs(data: Path, tmp_path: Path) -> None:
