@@ -16,6 +16,12 @@ median and the JSON min/median/max.
   the mixing costs in speed is shardtool-torch / this row.
 - shardtool-torch-normalised: the same through TorchLoader.epoch(), which also converts each batch to
   float, normalises it and lays it out channels_last on the device: here the CPU, in the main process.
+- shardtool-torch-http: shardtool-torch reading the shards over HTTP from 127.0.0.1 (the Range-capable
+  Python server of tests/faultserver.py, no faults, in the measuring process: it shares the 2 cores),
+  each training block of 16 samples one byte-range request (trainer/remote.py).
+- shardtool-torch-http-cache-cold, -warm: the same with --cache: cold empties the cache before every
+  epoch (each shard downloaded whole, sha256-checked, then read locally); warm keeps what the warm-up
+  epoch fetched (each process hashes each cached shard once, then reads local files).
 - shardtool-dali: DaliLoader over DALI's webdataset reader, every operator on the CPU (no GPU here);
   its fused crop_mirror_normalize delivers normalised float batches (on DALI's 2 threads).
 - imagefolder: torchvision ImageFolder + DataLoader(shuffle) on the original files, PIL decode, the
@@ -69,7 +75,8 @@ from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, real
 
 BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-dali", "imagefolder",
+ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-torch-http",
+        "shardtool-torch-http-cache-cold", "shardtool-torch-http-cache-warm", "shardtool-dali", "imagefolder",
         "imagefolder-256", "webdataset-naive", "webdataset", "dali-files", "decode-ceiling", "decode-ceiling-pil",
         "mosaic", "litdata")
 WDS_SHARDS = 16  # the webdataset row's equal shards: 8 per worker
@@ -194,6 +201,31 @@ def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalis
     return time_epochs(lambda e: (raw["images"] for raw in host_batches(e)), epochs, loader.num_samples)
 
 
+def run_shardtool_http(shards: Path, epochs: int, cache: str) -> list[float]:
+    """shardtool-torch over HTTP on 127.0.0.1; CACHE: "" (byte ranges), "cold" or "warm" (--cache)."""
+    import shutil
+
+    from tests.faultserver import FaultServer
+    from trainer.data import LoaderSpec, make_loader
+    from trainer.dataset import open_dataset
+    from trainer.remote import Remote
+
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as folder, FaultServer(shards) as server:
+        remote = Remote(cache=folder if cache else "")
+        dataset = open_dataset(server.url, remote)
+        spec = LoaderSpec(shards=tuple(dataset.shards("train")), batch_size=BATCH, image_size=SIZE, mean=MEAN,
+                          std=STD, train=True, workers=WORKERS, shuffle_buffer=BUFFER, remote=remote)
+        loader = make_loader(spec, "torch")
+
+        def epoch(index: int) -> Iterator[Any]:
+            if cache == "cold":
+                shutil.rmtree(folder)
+                Path(folder).mkdir()
+            return (raw["images"] for raw in loader.host_batches(index))  # type: ignore[attr-defined]
+
+        return time_epochs(epoch, epochs, loader.num_samples)
+
+
 def run_imagefolder(files: Path, epochs: int) -> list[float]:
     from torchvision.datasets import ImageFolder
 
@@ -304,6 +336,10 @@ def measure(name: str, shards: Path, files: Path, epochs: int) -> list[float]:
         return run_shardtool(shards, "torch", device, epochs, normalised=False, block=0, streams=1)
     if base == "shardtool-torch-normalised":
         return run_shardtool(shards, "torch", device, epochs)
+    if base == "shardtool-torch-http":
+        return run_shardtool_http(shards, epochs, cache="")
+    if base.startswith("shardtool-torch-http-cache-"):
+        return run_shardtool_http(shards, epochs, cache=base.rpartition("-")[2])
     if base == "shardtool-dali":
         return run_shardtool(shards, "dali", device, epochs)
     if base == "imagefolder":

@@ -110,16 +110,18 @@ class FaultServer:
             return self._send(request, 503, b"", {})
         if not file.is_file() or self.folder.resolve() not in file.parents:
             return self._send(request, 404, b"", {})
-        data = file.read_bytes()
-        start, end = 0, len(data)
+        size = file.stat().st_size
+        start, end = 0, size
         status, headers = 200, {}
         if (found := re.fullmatch(r"bytes=(\d+)-(\d*)", header)) and fault != "ignore-range":
             start = int(found[1])
-            end = min(int(found[2]) + 1, len(data)) if found[2] else len(data)
-            if start >= len(data):
-                return self._send(request, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
-            status, headers = 206, {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
-        body = data[start:end]
+            end = min(int(found[2]) + 1, size) if found[2] else size
+            if start >= size:
+                return self._send(request, 416, b"", {"Content-Range": f"bytes */{size}"})
+            status, headers = 206, {"Content-Range": f"bytes {start}-{end - 1}/{size}"}
+        with open(file, "rb") as opened:
+            opened.seek(start)
+            body = opened.read(end - start)
         if fault in ("drop", "stall", "short"):
             return self._break(request, status, headers, body, fault)
         self._send(request, status, body, headers)

@@ -66,7 +66,8 @@ def test_loader_benchmark_measures_ours_and_the_baselines_on_the_same_images(tmp
     # 4 shards: webdataset's README pipeline splits whole shards across the 2 workers
     assert run_cli("pack", source, tmp_path / "shards", "--workers", "0", "--shard-size", "20").exit_code == 0
     results = tmp_path / "results"
-    rows = "shardtool-torch,imagefolder-256,webdataset-naive,webdataset,decode-ceiling,decode-ceiling-pil"
+    rows = ("shardtool-torch,shardtool-torch-http-cache-cold,imagefolder-256,webdataset-naive,webdataset,decode-ceiling,"
+            "decode-ceiling-pil")
     done = run_module("benchmarks.loader", "--data", str(tmp_path / "shards"), "--files", str(source), "--rows", rows,
                       "--epochs", "1", "--repeats", "1", "--json", results=results)
     assert done.returncode == 0, done.stderr[-2000:]
