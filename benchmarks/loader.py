@@ -1,6 +1,8 @@
 """Loader throughput: our loaders against what users would write instead, on the same images.
 
     python -m benchmarks.loader [--data SHARDS --files DIR] [--epochs 2] [--repeats 3] [--rows a,b] [--json]
+    python -m benchmarks.loader --name loader-network --rows shardtool-torch,shardtool-torch-http,\
+        shardtool-torch-http-cache-cold,shardtool-torch-http-cache-warm,imagefolder-256
 
 Every row yields batches of 64 RandomResizedCrop(224) + horizontal-flip images from the same training
 images in 2 worker processes (DALI: 2 threads), one untimed warm-up epoch first (page cache, worker
@@ -398,6 +400,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="processes per row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--name", default="loader", help="results/NAME.json and .md [loader]; the network rows "
+                                                         "in the README: --name loader-network")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -436,7 +440,7 @@ def main() -> None:
                 "persistent_workers": True, "prefetch_factor": 4, "webdataset_equal_shards": WDS_SHARDS,
                 "timed_epochs_per_process": args.epochs, "warmup_epochs": 1, "repeats": args.repeats,
                 "train_images": train_count(args.data)}
-    emit("loader", settings, results, ["name", "img_s", "vs_imagefolder_256", "vs_imagefolder", "vs_ceiling",
+    emit(args.name, settings, results, ["name", "img_s", "vs_imagefolder_256", "vs_imagefolder", "vs_ceiling",
                                         "vs_pil_ceiling", "peak_rss_mb"], args.json, notes)
 
 
