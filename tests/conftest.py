@@ -67,25 +67,33 @@ def clothing_model(tmp_path_factory: pytest.TempPathFactory):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Under pytest-xdist (make test: -n 2), a worker hands what its tests read back to the controller."""
-    from tests.readback import READBACK
+    from tests.readback import FIGURES, READBACK
 
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["readback"] = json.dumps(READBACK)
+        session.config.workeroutput["figures"] = json.dumps(FIGURES)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     """xdist's controller: merge a finished worker's read-back counts into this process's."""
-    from tests.readback import READBACK
+    from tests.readback import FIGURES, READBACK
 
-    for tool, splits in json.loads(getattr(node, "workeroutput", {}).get("readback", "{}")).items():
+    output = getattr(node, "workeroutput", {})
+    for tool, splits in json.loads(output.get("readback", "{}")).items():
         READBACK.setdefault(tool, {}).update(splits)
+    for section, lines in json.loads(output.get("figures", "{}")).items():
+        FIGURES.setdefault(section, []).extend(lines)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Samples each outside reader read from our shards, per split: CI's log shows it without -s."""
-    from tests.readback import READBACK
+    from tests.readback import FIGURES, READBACK
 
+    for section, lines in sorted(FIGURES.items()):
+        terminalreporter.section(section)
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
     if READBACK:
         terminalreporter.section("shards read back by other tools (samples per split)")
         for tool, splits in sorted(READBACK.items()):

@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.readback import record_figure
 from trainer.data import LoaderSpec, dali_available, make_loader
 from trainer.data.mixing import Mixing, mixing, uniform_mixing
 from trainer.dataset import open_dataset
 
 pytestmark = pytest.mark.real
 BATCH = 32
+SECTION = "batch mixing on clothing-small (tests/test_mixing.py)"
 
 
 @pytest.fixture(scope="module", params=["shuffled", "source"])
@@ -56,9 +58,9 @@ def stored_labels(out: Path) -> list[int]:
 
 def check(order: str, backend: str, found: Mixing, reference: Mixing) -> None:
     whole, first = found.ratio_to(reference)
-    print(f"\n{backend} loader, --order {order}: {found.per_batch:.2f} classes per batch of {BATCH} "
-          f"(uniform {reference.per_batch:.2f}, {whole:.2f}x), first 5 batches {found.first_batches:.2f} "
-          f"(uniform {reference.first_batches:.2f}, {first:.2f}x)")
+    record_figure(SECTION, f"{backend} loader, --order {order}: {found.per_batch:.2f} classes per batch of {BATCH} "
+                           f"(uniform {reference.per_batch:.2f}, {whole:.2f}x), first 5 batches "
+                           f"{found.first_batches:.2f} (uniform {reference.first_batches:.2f}, {first:.2f}x)")
     assert whole >= 0.9 and first >= 0.9
 
 
@@ -68,8 +70,8 @@ def test_the_stored_order_is_mixed_only_when_shuffled(clothing):
     labels = stored_labels(out)
     runs = 1 + sum(a != b for a, b in zip(labels, labels[1:]))
     found, reference = mixing([labels], BATCH), uniform_mixing(labels, BATCH)
-    print(f"\nshards as stored, --order {order}: {runs} runs of one class, {found.per_batch:.2f} classes "
-          f"per {BATCH} consecutive samples (uniform {reference.per_batch:.2f})")
+    record_figure(SECTION, f"shards as stored, --order {order}: {runs} runs of one class, {found.per_batch:.2f} "
+                           f"classes per {BATCH} consecutive samples (uniform {reference.per_batch:.2f})")
     if order == "source":
         assert runs == 10  # class folders, class by class
     else:

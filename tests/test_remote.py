@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import run_cli
 from tests.faultserver import FAULTS, FaultServer
+from tests.readback import record_figure
 from trainer import remote as remote_module
 from trainer.data import LoaderSpec
 from trainer.data.torch import TorchLoader
@@ -27,6 +28,7 @@ from trainer.remote import Remote
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMEOUT = 1.0  # seconds of silence before a request is retried, in these tests
 QUICK = Remote(timeout=TIMEOUT, connect_timeout=TIMEOUT, retries=3, backoff=0.05)
+FAULT_SECTION = "remote reads against a failing server (tests/test_remote.py)"
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +111,8 @@ def test_a_fault_is_recovered_with_every_sample_once(server: FaultServer, local:
         assert got.io["retries"] == 3
     if fault in ("drop", "stall", "short"):  # half a body arrived: the rest was asked for with a Range
         assert got.io["resumed"] == 3
-    print(f"\n{fault} x3: every sample once in {got.seconds:.2f} s (local {local.seconds:.2f} s), "
-          f"retries {got.io.get('retries', 0)}, resumed {got.io.get('resumed', 0)}")
+    record_figure(FAULT_SECTION, f"{fault} x3, recovered: every sample once in {got.seconds:.2f} s (local "
+                  f"{local.seconds:.2f} s), retries {got.io.get('retries', 0)}, resumed {got.io.get('resumed', 0)}")
 
 
 @pytest.mark.parametrize("fault", ["drop", "503", "stall", "short"])
@@ -126,7 +128,8 @@ def test_a_fault_that_persists_fails_with_one_line_in_bounded_time(server: Fault
     assert "\n" not in first[1]
     # two attempts of at most TIMEOUT each (stall) plus backoff; the rest of the epoch reads normally
     assert took < 2 * TIMEOUT + 3, took
-    print(f"\n{fault} on every request: failed after {took:.2f} s (inactivity timeout {TIMEOUT} s): {first[1]}")
+    record_figure(FAULT_SECTION, f"{fault} on every request of one shard, 1 retry: failed after {took:.2f} s "
+                                 f"(--timeout {TIMEOUT:g}): {first[1]}")
 
 
 def test_skip_counts_exactly_the_samples_a_failed_shard_lost(server: FaultServer, local: Epoch) -> None:
@@ -136,8 +139,8 @@ def test_skip_counts_exactly_the_samples_a_failed_shard_lost(server: FaultServer
     assert len(got.keys) == len(set(got.keys)) == len(local.keys) - 10 and len(lost) == 10  # one shard of 10
     assert len(got.skipped) == 10  # each lost sample counted once
     assert [k for k in local.keys if k not in lost] == got.keys  # the others in their places
-    print(f"\n503 on one shard, --on-corrupt skip: {len(got.skipped)} samples lost and counted, {len(got.keys)} "
-          "delivered")
+    record_figure(FAULT_SECTION, f"503 on every request of one shard, --on-corrupt skip: {len(got.skipped)} samples "
+                                 f"lost and counted, {len(got.keys)} delivered")
 
 
 def test_the_cache_serves_checked_copies_and_fetches_a_corrupt_one_again(packed: Path, server: FaultServer,

@@ -25,6 +25,7 @@ import torch
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
 from tests.faultserver import FaultServer
+from tests.readback import record_figure
 from trainer.keylog import read_keys
 from trainer.models import create_model
 
@@ -201,7 +202,9 @@ def test_a_server_that_stalls_stops_the_run_with_one_line(data: Path, tmp_path: 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"cannot read {server.url}train-000002.tar bytes " in line and "gave up after 2 tries" in line
-    print(f"\nstalled shard, --timeout 1 --retries 1: exit 2 after {took:.1f} s (start-up included): {line}")
+    record_figure("remote reads against a failing server (tests/test_remote.py)",
+                  f"trainer fit, a stalled shard, --timeout 1 --retries 1: exit 2 after {took:.1f} s, start-up "
+                  f"included: {line}")
 
 
 def test_a_process_that_would_get_no_training_samples_is_refused(data: Path, tmp_path: Path) -> None:

@@ -88,7 +88,10 @@ class RangeReader:
     def close(self) -> None:
         if self._body is not None:
             try:
-                self._body.close()
+                if getattr(self._body, "length_remaining", None) == 0:  # read to its end: the connection is reusable
+                    self._body.release_conn()
+                else:
+                    self._body.close()
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way; it is gone anyway
                 pass
             self._body = None
@@ -186,6 +189,9 @@ class RangeReader:
         if status not in (200, 206):
             response.release_conn()
             raise RemoteError(f"cannot read {self.url}: HTTP {status}")
+        if status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {self.pos}-"):
+            response.close()
+            raise _Failed(f"asked for bytes {self.pos}- and got {response.headers.get('Content-Range')!r}")
         self._body = response
         self._drop = self.pos if status == 200 else 0
         if self.end is None:
