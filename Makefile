@@ -9,7 +9,7 @@ DEMO := demo-output
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,dali,train,s3,export,serve,interop]'
+	$(BIN)/pip install -q -e '.[dev,dali,train,s3,ray,export,serve,interop]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -35,7 +35,7 @@ TEST_WORKERS ?= 2
 TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 
 test: venv browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
 gpu-check: venv

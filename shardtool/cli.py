@@ -104,6 +104,9 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
 @click.option("--workers", default="auto", show_default=True, callback=_workers,
               help="Worker processes: N, 0 (in-process) or auto (one per core when the work pays for handing it over).")
+@click.option("--distributor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: --workers processes here | ray: Ray tasks on a cluster (byte-identical output).")
+@click.option("--ray-address", help="Ray cluster to run on (ray://... or HOST:PORT) [RAY_ADDRESS, else a local one].")
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
@@ -113,7 +116,7 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
          split_text: str, stratify: bool, seed: int, order: str, shard_size: int, shard_bytes: int | None, workers: int | None,
-         max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
+         distributor: str, ray_address: str | None, max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
     """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT."""
     from shardtool.pack import pack as run_pack
 
@@ -126,7 +129,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
                         resize=parse_resize(resize), encode=encode, verify=verify, backend=backend,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
                         seed=seed, order=order, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
-                        max_skip_fraction=max_skip_fraction, overwrite=overwrite)
+                        distributor=distributor, ray_address=ray_address, max_skip_fraction=max_skip_fraction,
+                        overwrite=overwrite)
     columns = [TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
                TextColumn("written {task.fields[written]} skipped {task.fields[skipped]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:

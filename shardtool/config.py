@@ -109,6 +109,8 @@ class PackConfig:
     shard_size: int = 1000
     shard_bytes: int | None = None
     workers: int | None = None  # None: decided by timing the first batches (see parallel.py)
+    distributor: str = "local"  # local: worker processes here | ray: Ray tasks (ray_workers.py)
+    ray_address: str | None = None  # a running Ray cluster; None: RAY_ADDRESS, else a local one
     max_skip_fraction: float = 0.01
     overwrite: bool = False
 
@@ -125,6 +127,8 @@ class PackConfig:
             raise ConfigError("--shard-size and --shard-bytes must be positive")
         if self.workers is not None and self.workers < 0:
             raise ConfigError("--workers must be 0 (in-process) or more")
+        if self.distributor not in ("local", "ray"):
+            raise ConfigError(f"--distributor {self.distributor!r} is not one of local, ray")
         if not 0 <= self.max_skip_fraction <= 1:
             raise ConfigError("--max-skip-fraction must be between 0 and 1")
         if self.verify not in VERIFY_MODES:
@@ -150,7 +154,7 @@ class PackConfig:
     def identity(self) -> dict[str, Any]:
         """What decides the shard bytes: a re-run with the same identity resumes, another is refused."""
         options = asdict(self)
-        for volatile in ("out", "workers", "max_skip_fraction", "overwrite"):
+        for volatile in ("out", "workers", "distributor", "ray_address", "max_skip_fraction", "overwrite"):
             options.pop(volatile)
         options["source"] = str(Path(self.source).resolve())
         for name in ("images", "join"):

@@ -106,6 +106,15 @@ def worker_count(requested: int | None, backend: str) -> int | None:
     return 0 if requested == 0 else 1
 
 
+def executor(config: PackConfig, backend: str) -> Any:
+    """Where the batches run: worker processes here (parallel.Workers) or Ray tasks (ray_workers.RayWorkers)."""
+    if config.distributor == "ray":
+        from shardtool.ray_workers import RayWorkers
+
+        return RayWorkers(config.ray_address)
+    return Workers(worker_count(config.workers, backend))
+
+
 def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
     """Refuse an OUT that holds something else; clear it on --overwrite; resume a matching run."""
     out = Path(config.out)
@@ -145,7 +154,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                           "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
-    with Workers(worker_count(config.workers, backend)) as workers:  # one pool for the scan and the encoding
+    with executor(config, backend) as workers:  # one pool for the scan and the encoding
         found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers)
         if not found.labels and reader.labelled:
             raise ConfigError(f"{config.source} holds no labelled images")
@@ -155,7 +164,8 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
         spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
         index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
-        encode_items = partial(encode_batch, spec=spec, classes=index, spool=str(journal.spool()))
+        spool = str(journal.spool()) if config.distributor == "local" else None  # Ray: through its object store
+        encode_items = partial(encode_batch, spec=spec, classes=index, spool=spool)
         runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers, config)
         write_shards(runs, config, journal, found.total, progress)
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})

@@ -50,9 +50,9 @@ def journaled_shards(out: Path) -> list[str]:
     return [record["shard"] + ".tar" for record in records if "shard" in record]
 
 
-def kill_after_shards(cmd: list[str], out: Path, shards: int) -> int:
+def kill_after_shards(cmd: list[str], out: Path, shards: int, env: dict[str, str] | None = None) -> int:
     """Start `cmd` in its own process group, SIGKILL the group once `shards` .tar exist; the exit status."""
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
     deadline = time.monotonic() + SHARD_TIMEOUT
     try:
         while not (out.is_dir() and len(list(out.glob("*.tar"))) >= shards):

@@ -1,0 +1,145 @@
+"""`pack --distributor ray` on a Ray cluster started here (127.0.0.1, 2 CPUs): the same bytes as a local pack
+for class folders, a CSV manifest and a BSON dump; a worker process killed mid-task, a driver killed and
+re-run, and a task that raises.
+
+The cluster is one `ray start --head --block` for the module (its own temp folder, stopped after);
+every pack is `shardtool pack` in a subprocess that joins it with --ray-address, as a user's would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from shardtool.synth import make_shapes
+from tests.test_bson import document, picture
+from tests.test_resume import journaled_shards, kill_after_shards
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one cluster: every test of this file in one test process
+
+BIN = Path(sys.executable).parent
+# Ray 2.60 turns on token authentication for `ray start` clusters; this throwaway one on 127.0.0.1 opts out
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+OPTIONS = ["--shard-size", "16", "--split", "val=0.2", "--resize", "shorter:48", "--json"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head on 127.0.0.1 with 2 CPUs; its address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+                             "--temp-dir", temp, "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=ENV)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(BIN / "ray"), "status", "--address", address], capture_output=True, env=ENV,
+                             timeout=60).returncode:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Ray head did not start: {head.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its raylet, GCS and workers with it
+        try:
+            head.wait(5)
+        except subprocess.TimeoutExpired:  # its graceful stop waits ~30 s for workers: not needed here
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        head.stderr.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def pack(source: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(BIN / "shardtool"), "pack", str(source), str(out), *OPTIONS, *extra],
+                            capture_output=True, text=True, timeout=600, env={**ENV, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def digests(out: Path) -> dict[str, str]:
+    """Every file of a finished pack (shards, .idx, manifest, sidecars, rejects) -> sha256."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The three kinds of source, small: class folders, a CSV manifest of them, a BSON dump."""
+    folder = tmp_path_factory.mktemp("ray-src")
+    shapes = make_shapes(folder / "shapes", per_class=40, size=64)
+    table = folder / "images.csv"
+    with open(table, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "label"])
+        for image in sorted(shapes.glob("*/*.jpg")):
+            writer.writerow([image.relative_to(shapes).as_posix(), image.parent.name])
+    dump = folder / "train.bson"
+    dump.write_bytes(b"".join(document(i, 1000 + i % 5, [picture(i * 3 + k) for k in range(1 + i % 3)])
+                              for i in range(120)))
+    return {"folder": shapes, "csv": table, "bson": dump}
+
+
+def extra_for(kind: str, sources: dict[str, Path]) -> list[str]:
+    return ["--images", str(sources["folder"])] if kind == "csv" else []
+
+
+@pytest.mark.parametrize("kind", ["folder", "csv", "bson"])
+def test_a_ray_pack_is_byte_identical_to_a_local_one(cluster, sources, tmp_path, kind):
+    extra = extra_for(kind, sources)
+    pack(sources[kind], tmp_path / "local", *extra, "--workers", "2")
+    pack(sources[kind], tmp_path / "ray", *extra, "--distributor", "ray", "--ray-address", cluster)
+    local, ray = digests(tmp_path / "local"), digests(tmp_path / "ray")
+    assert len([n for n in local if n.endswith(".tar")]) >= 3
+    assert ray == local
+
+
+def test_a_worker_killed_mid_task_is_retried_and_changes_nothing(cluster, sources, tmp_path):
+    pack(sources["folder"], tmp_path / "local", "--workers", "0")
+    marker = tmp_path / "killed-once"
+    pack(sources["folder"], tmp_path / "ray", "--distributor", "ray", "--ray-address", cluster,
+         env={"SHARDTOOL_TEST_FAULT": f"kill:2:{marker}"})
+    assert marker.exists()  # task 2's worker process was SIGKILLed, and Ray ran the task again
+    assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+
+
+def test_a_task_that_raises_fails_the_pack_with_one_line_naming_it(cluster, sources, tmp_path):
+    result = pack(sources["folder"], tmp_path / "ray", "--distributor", "ray", "--ray-address", cluster,
+                  env={"SHARDTOOL_TEST_FAULT": "raise:1"}, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Ray task for 32 inputs from " in line and "ValueError: injected failure in task 1" in line
+    assert not (tmp_path / "ray" / "dataset.json").exists()  # no manifest: the pack did not finish
+
+
+def test_a_killed_driver_re_run_ends_identical_without_rewriting_finished_shards(cluster, tmp_path):
+    source = make_shapes(tmp_path / "many", per_class=150, size=64)
+    local = tmp_path / "local"
+    pack(source, local, "--workers", "2")
+    resumed = tmp_path / "resumed"
+    command = [str(BIN / "shardtool"), "pack", str(source), str(resumed), *OPTIONS, "--distributor", "ray",
+               "--ray-address", cluster]
+    assert kill_after_shards(command, resumed, 3, ENV) == -signal.SIGKILL
+    assert not (resumed / "dataset.json").exists(), "the pack finished before it was killed"
+    kept = {name: os.stat(resumed / name).st_ino for name in journaled_shards(resumed)}
+    assert kept
+    pack(source, resumed, "--distributor", "ray", "--ray-address", cluster)
+    assert digests(resumed) == digests(local)
+    assert {name: os.stat(resumed / name).st_ino for name in kept} == kept  # finished shards were not redone
