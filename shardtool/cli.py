@@ -107,6 +107,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--distributor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: --workers processes here | ray: Ray tasks on a cluster (byte-identical output).")
 @click.option("--ray-address", help="Ray cluster to run on (ray://... or HOST:PORT) [RAY_ADDRESS, else a local one].")
+@click.option("--staging", type=click.Path(), help="OUT a URL (s3://bucket/prefix, ...): local folder for the journal "
+                                                   "and the shards on their way [~/.cache/shardtool/staging/...].")
 @click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
@@ -116,9 +118,16 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
          split_text: str, stratify: bool, seed: int, order: str, shard_size: int, shard_bytes: int | None, workers: int | None,
-         distributor: str, ray_address: str | None, max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
-    """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT."""
+         distributor: str, ray_address: str | None, staging: str | None, max_skip_fraction: float, overwrite: bool,
+         as_json: bool) -> None:
+    """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT, a folder or
+    an fsspec URL (s3://bucket/prefix, gs://..., file://...)."""
     from shardtool.pack import pack as run_pack
+    from shardtool.publish import default_staging, is_url
+
+    publish = None
+    if is_url(out):
+        publish, out = out, staging or str(default_staging(out))
 
     csv = CsvOptions(image_col=image_col, label_col=label_col, images=images, image_suffix=image_suffix,
                      join=join, join_on=join_on, label_level=label_level, group_col=group_col,
@@ -129,8 +138,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
                         resize=parse_resize(resize), encode=encode, verify=verify, backend=backend,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
                         seed=seed, order=order, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
-                        distributor=distributor, ray_address=ray_address, max_skip_fraction=max_skip_fraction,
-                        overwrite=overwrite)
+                        distributor=distributor, ray_address=ray_address, publish=publish,
+                        max_skip_fraction=max_skip_fraction, overwrite=overwrite)
     columns = [TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
                TextColumn("written {task.fields[written]} skipped {task.fields[skipped]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
@@ -143,7 +152,7 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
     if as_json:
         click.echo(json.dumps(manifest["report"] | {"splits": _split_summary(manifest)}, indent=1))
     else:
-        render_pack(manifest, out)
+        render_pack(manifest, publish or out)
 
 
 def _split_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +200,8 @@ def index(out: str, classes_file: str | None, as_json: bool) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--decode", is_flag=True, help="Also decode every image in full.")
 def verify(out: str, decode: bool) -> None:
-    """Re-hash the shards of OUT, check their .idx files and counts against the manifest."""
+    """Re-hash the shards of OUT (a folder or a URL: s3://..., fetched one shard at a time), check their .idx
+    files and counts against the manifest."""
     from shardtool.verify import verify_dataset
 
     problems, checked = verify_dataset(out, decode=decode)

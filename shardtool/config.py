@@ -111,6 +111,7 @@ class PackConfig:
     workers: int | None = None  # None: decided by timing the first batches (see parallel.py)
     distributor: str = "local"  # local: worker processes here | ray: Ray tasks (ray_workers.py)
     ray_address: str | None = None  # a running Ray cluster; None: RAY_ADDRESS, else a local one
+    publish: str | None = None  # OUT given as a URL: `out` is the local staging folder (publish.py)
     max_skip_fraction: float = 0.01
     overwrite: bool = False
 
@@ -154,7 +155,7 @@ class PackConfig:
     def identity(self) -> dict[str, Any]:
         """What decides the shard bytes: a re-run with the same identity resumes, another is refused."""
         options = asdict(self)
-        for volatile in ("out", "workers", "distributor", "ray_address", "max_skip_fraction", "overwrite"):
+        for volatile in ("out", "workers", "distributor", "ray_address", "publish", "max_skip_fraction", "overwrite"):
             options.pop(volatile)
         options["source"] = str(Path(self.source).resolve())
         for name in ("images", "join"):

@@ -40,6 +40,7 @@ from shardtool.order import MIX_PARTITIONS, order_rng, ordered, ordered_partitio
 from shardtool.parallel import Workers, check_not_starting_worker, ordered_map
 from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
+from shardtool.publish import Publisher
 from shardtool.readers import Reader, open_reader
 from shardtool.sample import Item, Sample, Skip
 from shardtool.sidecars import NAMES as SIDECAR_NAMES
@@ -154,6 +155,9 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
                           "drop --split/--stratify")
     if reader.given_splits and config.split:
         raise ConfigError(f"{config.source} already has splits ({fmt} layout); drop --split to keep them")
+    publisher = Publisher(config.publish) if config.publish else None  # OUT is a URL (publish.py)
+    if publisher is not None:
+        publisher.prepare()
     with executor(config, backend) as workers:  # one pool for the scan and the encoding
         found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers)
         if not found.labels and reader.labelled:
@@ -167,13 +171,13 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         spool = str(journal.spool()) if config.distributor == "local" else None  # Ray: through its object store
         encode_items = partial(encode_batch, spec=spec, classes=index, spool=spool)
         runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers, config)
-        write_shards(runs, config, journal, found.total, progress)
+        write_shards(runs, config, journal, found.total, progress, publisher)
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
-    return finish(config, journal, classes, tree, source, identity, reader.ignored)
+    return finish(config, journal, classes, tree, source, identity, reader.ignored, publisher)
 
 
 def write_shards(runs: Iterable[Run], config: PackConfig, journal: Journal, total: int,
-                 progress: Callable[[Progress], None] | None) -> None:
+                 progress: Callable[[Progress], None] | None, publisher: Publisher | None = None) -> None:
     """Each Run's stretches into the shards of their split. Two threads work beside this loop: one
     writes and hashes the shards' bytes, the other fsyncs and journals finished shards."""
     done = journal.consumed()
@@ -185,7 +189,7 @@ def write_shards(runs: Iterable[Run], config: PackConfig, journal: Journal, tota
             for split, stretch in run.stretches():
                 if split not in sinks:
                     sinks[split] = SplitSink(Path(config.out), split, journal, config.shard_size,
-                                             config.shard_bytes, writes, seals)
+                                             config.shard_bytes, writes, seals, publisher and publisher.shard)
                 if isinstance(stretch, Skip):
                     sinks[split].skip(stretch)
                     counts.skipped += 1
@@ -254,8 +258,10 @@ def _scan_in_workers(workers: Workers, source_bytes: int) -> bool:
 
 
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,
-           source: dict[str, Any], options: dict[str, Any], ignored: list[dict[str, str]]) -> dict[str, Any]:
-    """rejects.jsonl, the skip ceiling, the other tools' sidecars, then dataset.json last."""
+           source: dict[str, Any], options: dict[str, Any], ignored: list[dict[str, str]],
+           publisher: Publisher | None = None) -> dict[str, Any]:
+    """rejects.jsonl, the skip ceiling, the other tools' sidecars, then dataset.json last (here, then at
+    the OUT URL when there is one)."""
     out = Path(config.out)
     with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
         for record in journal.records():
@@ -274,6 +280,9 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
     for stale in out.glob("*.tmp"):
         stale.unlink()
     journal.drop_spool()
-    write_sidecars(out, manifest)
+    sidecars = write_sidecars(out, manifest)
     write_json_atomic(out / MANIFEST, manifest)
+    if publisher is not None:
+        for name in ["rejects.jsonl", *sidecars, MANIFEST]:
+            publisher.put(out / name, keep=True)
     return manifest

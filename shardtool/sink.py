@@ -13,7 +13,7 @@ import json
 import mmap
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -115,8 +115,9 @@ class SplitSink:
     """Writes the samples of one split, in arrival order, into shards of bounded count and size."""
 
     def __init__(self, out: Path, split: str, journal: Journal, shard_size: int, shard_bytes: int | None,
-                 writes: Background, seals: Background) -> None:
+                 writes: Background, seals: Background, publish: Callable[[Path, Path], None] | None = None) -> None:
         self.out, self.split, self.journal = out, split, journal
+        self.publish = publish  # OUT is a URL: uploads a sealed shard and its .idx before they are journaled
         self.writes = writes  # a thread that writes and hashes the shards' bytes, in order
         self.seals = seals  # a thread that fsyncs, renames and journals finished shards, in order
         self.shard_size, self.shard_bytes = shard_size, shard_bytes
@@ -215,6 +216,8 @@ class SplitSink:
         index_tmp.write_text(index_text)
         os.replace(index_tmp, stem.with_name(stem.name + ".idx"))
         os.replace(stem.with_name(stem.name + ".tar.tmp"), stem.with_name(stem.name + ".tar"))
+        if self.publish is not None:
+            self.publish(stem.with_name(stem.name + ".tar"), stem.with_name(stem.name + ".idx"))
         self.journal.append(record)
 
     def close(self) -> None:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from shardtool.manifest import load_manifest
+from shardtool.errors import ConfigError
+from shardtool.manifest import NAME, load_manifest
+from shardtool.publish import Publisher, is_url
 from shardtool.process.checks import open_header
 from shardtool.tario import IDX_VERSION
+
+
+def _fetch(remote: Publisher, shard: dict[str, Any], folder: Path) -> list[str]:
+    """A shard and its .idx from the URL into FOLDER; a missing one is check_shard's "missing"."""
+    for name in (shard["name"], shard["index"]):
+        try:
+            remote.fetch(name, folder / name)
+        except FileNotFoundError:
+            pass
+        except Exception as error:  # noqa: BLE001 - every fsspec backend fails in its own way
+            return [f"{name}: cannot fetch ({type(error).__name__}: {error})"]
+    return []
 
 
 def read_index(text: str) -> list[list[tuple[str, int, int, str]]]:
@@ -86,16 +101,29 @@ def _decode(data: bytes) -> str | None:
 
 
 def verify_dataset(out: str, decode: bool = False) -> tuple[list[str], dict[str, int]]:
-    """(problems found, what was checked). No problems means the dataset is whole."""
-    manifest = load_manifest(out)
-    problems, shards, samples = [], 0, 0
-    for split, entry in manifest.splits.items():
-        classes: Counter[str] = Counter()
-        for shard in manifest.shards(split):
-            problems += check_shard(Path(out), shard, decode, classes)
-            shards += 1
-            samples += shard["num_samples"]
-        expected = {str(index): n for index, n in enumerate(entry["class_counts"]) if n}
-        if dict(classes) != expected:
-            problems.append(f"split {split}: class counts in the shards differ from the manifest")
+    """(problems found, what was checked). No problems means the dataset is whole. OUT may be a URL: each
+    shard is then fetched into a temporary folder, checked and deleted, one at a time."""
+    remote = Publisher(out) if is_url(out) else None
+    with tempfile.TemporaryDirectory(prefix="shardtool-verify-") as fetched:
+        if remote is not None:
+            if not remote.exists(NAME):
+                raise ConfigError(f"{out} is not a finished shardtool output (no {NAME}); run shardtool pack first")
+            Path(fetched, NAME).write_text(remote.read_text(NAME), encoding="utf-8")
+        folder = Path(fetched) if remote is not None else Path(out)
+        manifest = load_manifest(folder)
+        problems, shards, samples = [], 0, 0
+        for split, entry in manifest.splits.items():
+            classes: Counter[str] = Counter()
+            for shard in manifest.shards(split):
+                if remote is not None:
+                    problems += _fetch(remote, shard, folder)
+                problems += check_shard(folder, shard, decode, classes)
+                if remote is not None:
+                    for name in (shard["name"], shard["index"]):
+                        (folder / name).unlink(missing_ok=True)
+                shards += 1
+                samples += shard["num_samples"]
+            expected = {str(index): n for index, n in enumerate(entry["class_counts"]) if n}
+            if dict(classes) != expected:
+                problems.append(f"split {split}: class counts in the shards differ from the manifest")
     return problems, {"shards": shards, "samples": samples}
