@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_task_is_retried_and_changes_nothing(cluster, source
 def test_a_task_that_raises_fails_the_pack_with_one_line_naming_it(cluster, sources, tmp_path):
     result = pack(sources["folder"], tmp_path / "ray", "--distributor", "ray", "--ray-address", cluster,
                   env={"SHARDTOOL_TEST_FAULT": "raise:1"}, check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "Ray task for 32 inputs from " in line and "ValueError: injected failure in task 1" in line
     assert not (tmp_path / "ray" / "dataset.json").exists()  # no manifest: the pack did not finish
