@@ -45,8 +45,8 @@ from trainer.cache import ShardCache
 from trainer.data import Batch, LoaderSpec
 from trainer.data.plan import Segment, rank_samples, worker_plan
 from trainer.dataset import is_url
-from trainer.remote import COUNTS, RangeReader, Remote, RemoteError, fetch
 from trainer.infer import eval_crop, normalize
+from trainer.remote import COUNTS, RangeReader, Remote, RemoteError, fetch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RATIO = (3 / 4, 4 / 3)
