@@ -134,3 +134,17 @@ def test_rerunning_a_finished_pack_changes_nothing(shapes, tmp_path, cli):
             for p in out.iterdir() if p.suffix in (".tar", ".idx")} == shards
     assert (out / "dataset.json").read_bytes() == manifest
     assert len(shards) == 2 * 6  # 4 train + 2 val shards, untouched
+
+
+def test_a_pack_to_a_file_url_publishes_the_local_pack(tmp_path, cli):
+    """OUT as a URL (a shared folder as file://): staged, uploaded shard by shard, the manifest last."""
+    source = make_shapes(tmp_path / "shapes", per_class=20, size=48)
+    assert cli("pack", source, tmp_path / "local", "--shard-size", "16", "--workers", "0").exit_code == 0
+    shared = tmp_path / "shared" / "shapes"
+    done = cli("pack", source, f"file://{shared}", "--shard-size", "16", "--workers", "0", "--staging", tmp_path / "stage")
+    assert done.exit_code == 0, done.output
+    files = lambda out: {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}  # noqa: E731
+    assert files(shared) == files(tmp_path / "local") and len([n for n in files(shared) if n.endswith(".tar")]) == 5
+    assert not list((tmp_path / "stage").glob("*.tar"))  # uploaded, then deleted from the staging folder
+    verified = cli("verify", f"file://{shared}")
+    assert verified.exit_code == 0 and verified.output.startswith("OK: 5 shards, 80 samples"), verified.output
