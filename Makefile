@@ -35,7 +35,7 @@ TEST_WORKERS ?= 2
 TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 
 test: venv browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
 gpu-check: venv

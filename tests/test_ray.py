@@ -2,8 +2,9 @@
 for class folders, a CSV manifest and a BSON dump; a worker process killed mid-task, a driver killed and
 re-run, and a task that raises.
 
-The cluster is one `ray start --head --block` for the module (its own temp folder, stopped after);
-every pack is `shardtool pack` in a subprocess that joins it with --ray-address, as a user's would.
+The cluster is one `ray start --head --block` per test process that runs these tests (its own port and
+temp folder, stopped after the module); every pack is `shardtool pack` in a subprocess that joins it with
+--ray-address, as a user's would.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from tests.test_bson import document, picture
 from tests.test_resume import journaled_shards, kill_after_shards
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.xdist_group("ray")  # one cluster: every test of this file in one test process
 
 BIN = Path(sys.executable).parent
 # Ray 2.60 turns on token authentication for `ray start` clusters; this throwaway one on 127.0.0.1 opts out
