@@ -11,6 +11,11 @@ For a reader with byte-range partitions (a BSON dump) the workers do the reading
 (a few permuted ranges per task, their products mixed), and a resumed run's finished items are
 dropped after them (see packed_runs).
     for run in runs: for each stretch of one split: sinks[split].add(stretch, run.data)
+
+The workers are local processes (parallel.Workers) or, with --distributor ray, Ray tasks
+(ray_workers.RayWorkers); either way the Runs come back in order to this one writer, so the bytes do
+not depend on where they were made. With OUT a URL, OUT here is a local staging folder and each sealed
+shard is uploaded before it is journaled, the manifest last (publish.py).
 """
 
 from __future__ import annotations
