@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import TrainError
 from trainer.remote import COUNTS, RangeReader, Remote, RemoteError
 
 _CHUNK = 1 << 20
@@ -48,7 +47,7 @@ class ShardCache:
         index = folder / index_url.rsplit("/", 1)[1]
         if not index.is_file():
             self._fetch(index_url, index, None)
-        for attempt in range(2):
+        for _ in range(2):  # a corrupt or vanished copy is fetched once more
             if not tar.is_file():
                 self._fetch(url, tar, sha256)
                 self._evict(keep={tar, index})
@@ -61,7 +60,7 @@ class ShardCache:
                 return tar, index
             except FileNotFoundError:  # evicted by another process in between
                 continue
-        raise TrainError(f"{url}: the cached copy in {self.folder} keeps failing its sha256 check")
+        raise RemoteError(f"{url}: the copy in --cache {self.folder} failed its sha256 check twice")
 
     def _checked(self, path: Path, sha256: str) -> bool:
         try:
