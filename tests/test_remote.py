@@ -232,3 +232,14 @@ def test_the_dali_loader_reads_urls_through_the_cache(packed: Path, server: Faul
     local = dali_epoch(packed, QUICK)
     assert [b.keys for b in over_http] == [b.keys for b in local]
     assert all(torch.equal(a.images, b.images) for a, b in zip(over_http, local, strict=True))
+
+
+def test_auto_takes_the_torch_loader_for_urls_without_a_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU box `--loader auto` means DALI, which reads local files only: URL DATA without --cache gets the
+    torch loader instead of an error (and fit records that as what auto resolved to)."""
+    import trainer.data as data
+
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    assert data.resolve_backend("auto", "cuda:0") == "dali"
+    assert data.resolve_backend("auto", "cuda:0", uncached=True) == "torch"
+    assert data.resolve_backend("dali", "cuda:0", uncached=True) == "dali"  # asked for: local_shards says why not

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, resolve_backend
-from trainer.dataset import Dataset, open_dataset
+from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
 from trainer.errors import ConfigError
 from trainer.infer import eval_resize
@@ -190,7 +190,9 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
 
 def resolved(run: Run) -> dict[str, Any]:
     """What the run's auto settings resolved to on this machine: a resume elsewhere must resolve the same."""
-    return {"loader": resolve_backend(run.config.loader, str(run.device)), "device": run.device.type,
+    uncached = is_url(run.dataset.root) and not run.config.cache  # URL DATA without --cache: torch only
+    return {"loader": resolve_backend(run.config.loader, str(run.device), uncached),
+            "device": run.device.type,
             "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world}
 
 

@@ -82,7 +82,7 @@ def eval_spec(shards: tuple[Shard, ...], pre: Preprocessing, batch_size: int, **
 
 def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     """backend: torch | dali | auto (dali when it is installed and a GPU is there, else torch)."""
-    if resolve_backend(backend, spec.device) == "dali":
+    if resolve_backend(backend, spec.device, uncached_urls(spec)) == "dali":
         from trainer.data.dali import DaliLoader
 
         if not has_json_members(spec.shards):  # tars written by another tool, indexed by `shardtool index`
@@ -96,11 +96,19 @@ def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     return TorchLoader(spec)
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """The backend make_loader runs for BACKEND (auto: dali on a GPU when installed, else torch)."""
+def resolve_backend(backend: str, device: str, uncached: bool = False) -> str:
+    """The backend make_loader runs for BACKEND (auto: dali on a GPU when installed, else torch; torch for
+    URL shards without --cache, which DALI cannot read)."""
     if backend == "auto":
-        return "dali" if device.startswith("cuda") and dali_available() else "torch"
+        return "dali" if device.startswith("cuda") and dali_available() and not uncached else "torch"
     return backend
+
+
+def uncached_urls(spec: LoaderSpec) -> bool:
+    """SPEC reads URL shards directly (no --cache): only the torch loader can."""
+    from trainer.dataset import is_url
+
+    return not spec.remote.cache and any(is_url(shard.url) for shard in spec.shards)
 
 
 def has_json_members(shards: tuple[Shard, ...]) -> bool:
