@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -45,7 +46,8 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway head on 127.0.0
 
 
 class Head:
-    """`ray start --head --block --num-cpus N` on 127.0.0.1; stopped on exit."""
+    """`ray start --head --block --num-cpus N` on 127.0.0.1, in its own temp folder; close() stops it
+    (tests/test_ray.py starts its cluster with it too)."""
 
     def __init__(self, cpus: int) -> None:
         with socket.socket() as s:
@@ -56,22 +58,26 @@ class Head:
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
              self.address.rsplit(":", 1)[1], "--num-cpus", str(cpus), "--include-dashboard", "false",
              "--temp-dir", self.temp, "--disable-usage-stats"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=ENV)
         deadline = time.monotonic() + 120
         while subprocess.run([str(BIN / "ray"), "status", "--address", self.address], capture_output=True,
                              env=ENV, timeout=60).returncode:
             if self.process.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the Ray head did not start")
+                self.close()
+                raise RuntimeError(f"the Ray head did not start: {self.process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             time.sleep(0.5)
 
     def close(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        subprocess.run(["rm", "-rf", self.temp], check=False)
+        """SIGTERM to its process group (--block: raylet, GCS and workers go with it); SIGKILL after 5 s
+        (its graceful stop waits ~30 s for workers)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def run_pack(argv: list[str], also: int | None) -> tuple[float, float, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from shardtool.errors import ConfigError, PackError
@@ -25,8 +26,12 @@ from shardtool.errors import ConfigError, PackError
 ATOMIC_PUT = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores: a put is all or nothing
 
 
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")  # a scheme: s3://, https://, file://, git+ssh://
+
+
 def is_url(path: str) -> bool:
-    return "://" in path and path.split("://", 1)[0].isidentifier()
+    """A URL (s3://, https://, file://, ...), not a local path; the trainer's DATA uses the same test."""
+    return bool(_URL.match(path))
 
 
 def default_staging(url: str) -> Path:

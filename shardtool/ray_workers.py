@@ -57,7 +57,7 @@ class RayWorkers:
             raise ConfigError(f"cannot start or reach Ray ({where}): {str(error).splitlines()[0]}") from None
         self.count = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(_task)
-        self.tasks = 0  # tasks submitted, for the plan record and the benchmark
+        self.tasks = 0  # tasks submitted: the next task's index (its number in the tests' fault hook)
 
     def __enter__(self) -> RayWorkers:
         return self

@@ -12,17 +12,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.pack_ray import ENV, Head
 from shardtool.synth import make_shapes
 from tests.test_bson import document, picture
 from tests.test_resume import journaled_shards, kill_after_shards
@@ -30,40 +27,15 @@ from tests.test_resume import journaled_shards, kill_after_shards
 pytest.importorskip("ray")
 
 BIN = Path(sys.executable).parent
-# Ray 2.60 turns on token authentication for `ray start` clusters; this throwaway one on 127.0.0.1 opts out
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 OPTIONS = ["--shard-size", "16", "--split", "val=0.2", "--resize", "shorter:48", "--json"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head on 127.0.0.1 with 2 CPUs; its address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-                             "--temp-dir", temp, "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=ENV)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([str(BIN / "ray"), "status", "--address", address], capture_output=True, env=ENV,
-                             timeout=60).returncode:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not start: {head.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its raylet, GCS and workers with it
-        try:
-            head.wait(5)
-        except subprocess.TimeoutExpired:  # its graceful stop waits ~30 s for workers: not needed here
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        head.stderr.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    """A Ray head on 127.0.0.1 with 2 CPUs (benchmarks.pack_ray.Head); its address."""
+    head = Head(2)
+    yield head.address
+    head.close()
 
 
 def pack(source: Path | str, out: Path | str, *extra: str, env: dict[str, str] | None = None,
@@ -145,38 +117,20 @@ def test_a_killed_driver_re_run_ends_identical_without_rewriting_finished_shards
     assert {name: os.stat(resumed / name).st_ino for name in kept} == kept  # finished shards were not redone
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    """moto's S3 server on 127.0.0.1 with a bucket `shards`; the environment that points boto at it."""
-    pytest.importorskip("s3fs")
-    moto = pytest.importorskip("moto.server")
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="shards")
-    yield env
-    server.stop()
-
-
-def test_a_ray_pack_to_s3_verifies_and_matches_the_local_pack(cluster, sources, s3, tmp_path):
+def test_a_ray_pack_to_s3_verifies_and_matches_the_local_pack(cluster, sources, s3_server, tmp_path):
     pack(sources["bson"], tmp_path / "local", "--workers", "0")
     staging = tmp_path / "staging"
     pack(sources["bson"], "s3://shards/bson", "--distributor", "ray", "--ray-address", cluster, "--staging",
-         str(staging), env=s3)
+         str(staging), env=s3_server)
     assert not list(staging.glob("*.tar"))  # every finished shard uploaded, then its local copy deleted
     verified = subprocess.run([str(BIN / "shardtool"), "verify", "s3://shards/bson", "--decode"], capture_output=True,
-                              text=True, timeout=600, env={**ENV, **s3})
+                              text=True, timeout=600, env={**ENV, **s3_server})
     assert verified.returncode == 0 and verified.stdout.startswith("OK: "), verified.stderr[-2000:]
     fetched = tmp_path / "fetched"
     fetched.mkdir()
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3["AWS_ENDPOINT_URL"], key="test", secret="test")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="test", secret="test")
     for path in fs.ls("shards/bson"):
         fs.get_file(path, str(fetched / Path(path).name))
     assert digests(fetched) == digests(tmp_path / "local")  # the published dataset is the local pack, byte for byte

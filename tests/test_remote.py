@@ -189,26 +189,17 @@ def test_a_remote_manifest_that_is_not_there_is_one_line(server: FaultServer) ->
     assert str(caught.value) == f"cannot read {server.url}missing/dataset.json: HTTP 404"
 
 
-def test_an_epoch_over_s3_is_the_local_epoch(packed: Path, local: Epoch, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("s3fs")
-    moto = pytest.importorskip("moto.server")
+def test_an_epoch_over_s3_is_the_local_epoch(packed: Path, s3_server: dict[str, str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="shards")
-        for file in (f for f in packed.iterdir() if f.is_file()):
-            s3.upload_file(str(file), "shards", f"shapes/{file.name}")
-        got = read_epoch("s3://shards/shapes/", workers=2)
-        same_epoch(got, read_epoch(packed, workers=2))
-    finally:
-        server.stop()
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3")
+    for file in (f for f in packed.iterdir() if f.is_file()):
+        s3.upload_file(str(file), "shards", f"shapes/{file.name}")
+    got = read_epoch("s3://shards/shapes/", workers=2)
+    same_epoch(got, read_epoch(packed, workers=2))
 
 
 @pytest.mark.dali

@@ -143,7 +143,9 @@ def test_a_pack_to_a_file_url_publishes_the_local_pack(tmp_path, cli):
     shared = tmp_path / "shared" / "shapes"
     done = cli("pack", source, f"file://{shared}", "--shard-size", "16", "--workers", "0", "--staging", tmp_path / "stage")
     assert done.exit_code == 0, done.output
-    files = lambda out: {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}  # noqa: E731
+    def files(out: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
     assert files(shared) == files(tmp_path / "local") and len([n for n in files(shared) if n.endswith(".tar")]) == 5
     assert not list((tmp_path / "stage").glob("*.tar"))  # uploaded, then deleted from the staging folder
     verified = cli("verify", f"file://{shared}")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.infer import file_sha256
 from trainer.remote import COUNTS, RangeReader, Remote, RemoteError
 
 _CHUNK = 1 << 20
@@ -70,11 +71,7 @@ class ShardCache:
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if not sha256 or key in _verified:
             return True
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            while chunk := file.read(_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
+        if file_sha256(path) != sha256:
             return False
         _verified.add((str(path), stat.st_size, path.stat().st_mtime_ns))
         return True

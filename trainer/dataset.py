@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ from braceexpand import braceexpand
 
 from shardtool.errors import ConfigError
 from shardtool.manifest import FORMAT, NAME, VERSION
+from shardtool.publish import is_url
 from trainer.remote import Remote, RemoteError, fetch
 
 SPLIT_ALIASES = {"val": ("val", "validation", "valid"), "validation": ("validation", "val", "valid"),
                  "valid": ("valid", "val", "validation")}
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -112,11 +111,6 @@ def open_dataset(data: str, remote: Remote = Remote()) -> Dataset:
     return dataset
 
 
-def is_url(path: str) -> bool:
-    """A URL (https://, s3://, ...), not a local path."""
-    return bool(_URL.match(path))
-
-
 def _join(root: str, name: str) -> str:
     if is_url(root):
         return root.rstrip("/") + "/" + name
@@ -124,7 +118,7 @@ def _join(root: str, name: str) -> str:
 
 
 def _read_text(path: str, data: str, remote: Remote) -> str:
-    if _URL.match(path):
+    if is_url(path):
         try:
             return fetch(path, remote).decode("utf-8")
         except (OSError, ValueError) as error:

@@ -25,7 +25,6 @@ timeouts and connection pools, and this module the resume and the counting aroun
 
 from __future__ import annotations
 
-import http.client
 import os
 import random
 import time
@@ -163,8 +162,6 @@ class RangeReader:
                     if not chunk:
                         continue
                 break
-        except _Failed:
-            raise
         except Exception as error:  # noqa: BLE001 - urllib3, http.client, sockets and fsspec backends all fail differently
             raise _Failed(_why(error)) from None
         if not chunk and self.end is not None and self.pos < self.end:
@@ -222,8 +219,6 @@ def _length(headers: Any, status: int, position: int) -> int | None:
 
 def _why(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
-    if isinstance(error, http.client.IncompleteRead):
-        text = f"{error.partial and len(error.partial)} bytes read, more expected"
     return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
 
 
