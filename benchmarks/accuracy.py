@@ -13,9 +13,10 @@ then `trainer probe` (the frozen backbone's features + a softmax head) and `trai
 (the README's command, the same flags for every dataset), EfficientNet-Lite0 with its ImageNet weights.
 Each row: val and test top-1 of both (fit_val: its best epoch's; fit_test: best.pt's, which is the
 probe's starting point, best_epoch 0, when no epoch beat it on val), the fit's wall time and
-training images/s, and the val top-1
-before the backbone starts learning (the head fit starts from: the probe's with LP-FT, else the last
-frozen epoch's) and after its first epoch of learning (a drop there is the collapse at the unfreeze).
+training images/s, and the val top-1 before the backbone starts learning (start_val: the head fit
+starts from, validated by fit itself like every epoch after it; else the last frozen epoch's) and
+after its first epoch of learning (a drop there is the collapse at the unfreeze). The val split is
+small (val_images), so gain_images says how many more val images the fine-tune gets right than the probe.
 
 Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
 """
@@ -37,9 +38,8 @@ import yaml
 from benchmarks.common import CACHE, emit, real_data, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "6"]
-COLUMNS = ["name", "train_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch", "frozen_val",
-           "unfrozen_val",
-           "fit_beats_probe", "fit_minutes", "img_s", "probe_seconds"]
+COLUMNS = ["name", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
+           "gain_images", "start_val", "unfrozen_val", "fit_minutes", "img_s", "probe_seconds"]
 
 
 def pack_args(name: str, real: Path) -> list[str]:
@@ -94,10 +94,12 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     best = max(val)
     test = summary.get("test", {}).get("top1")
     train_images = manifest["splits"]["train"]["num_samples"]
+    val_images = next(manifest["splits"][n]["num_samples"] for n in ("val", "validation") if n in manifest["splits"])
     return {"name": name, "train_images": train_images, "classes": len(manifest["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
             "fit_val": best, "fit_test": test, "best_epoch": summary["best_epoch"],
-            "frozen_val": val[frozen - 1] if frozen else summary.get("probe", {}).get("val"),
+            "val_images": val_images, "gain_images": round((best - probe["val"]["top1"]) * val_images),
+            "start_val": val[frozen - 1] if frozen else summary.get("start", {}).get("val_top1"),
             "unfrozen_val": val[frozen] if frozen < len(val) else None,
             "fit_beats_probe": best > probe["val"]["top1"], "fit_minutes": round(seconds / 60, 2),
             "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),

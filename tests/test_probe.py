@@ -162,6 +162,9 @@ def test_fit_starts_its_head_from_the_probe(data: Path, tmp_path: Path) -> None:
     assert (tmp_path / "lpft" / "probe" / "probe.pt").is_file()
     assert summary["probe"]["val"] == alone["val"]["top1"] >= 0.75
     assert rows[0]["val_top1"] == pytest.approx(alone["val"]["top1"])
+    # the starting point is validated by fit itself, as every epoch is: nothing moved, so the same figure
+    assert summary["start"]["val_top1"] == rows[0]["val_top1"]
+    assert summary["start"]["val_loss"] == pytest.approx(rows[0]["val_loss"], rel=1e-4)
     # an epoch that does not beat the starting point does not replace it: best.pt is the probe's model
     assert summary["best_epoch"] == 0
     best = torch.load(tmp_path / "lpft" / "best.pt", weights_only=True)["model"]

@@ -47,6 +47,7 @@ class State:
     partial: dict[str, float] = field(default_factory=dict)  # this epoch's TrainSums so far
     schedule_epochs: int = 0  # the epochs the LR schedule was laid out for at the start (0: before this field)
     resolved: dict[str, Any] = field(default_factory=dict)  # what auto settings became: loader, device, amp, world
+    start: dict[str, float] = field(default_factory=dict)  # LP-FT: the starting point's val metrics (epoch 0)
 
 
 @dataclass
@@ -274,25 +275,26 @@ def start_from_probe(run: Run) -> None:
     linear probe's, fitted in seconds on the frozen backbone's cached features, so the backbone's first
     gradients come through a good head, not a random one. Rank 0 runs the probe into OUT/probe.
 
-    The starting point is epoch 0 of best.pt's choice: an epoch replaces it only by beating the probe's
-    val figure, so a fine-tune that does not help hands back the probe (summary.json best_epoch 0)."""
+    The starting point is epoch 0 of best.pt's choice, validated through the same model, precision and
+    loader as every epoch after it (the probe's own figure, from cached features and a float32 head, can
+    differ by an image or two): an epoch replaces it only by beating it, so a fine-tune that does not help
+    hands back the probe (summary.json best_epoch 0; its figures under "start")."""
     from trainer.probe import fit_probe  # probe.py builds on fit.py's helpers
 
     folder = run.out / "probe"
-    start = 0.0
     if run.dist.main:
         result = fit_probe(run.config, folder)
         run.probe = {role: result[role]["top1"] for role in ("val", "test") if role in result} | {"l2": result["l2"]}
-        metric = run.config.metric.removeprefix("val_")
-        start = result["val"][metric] if "val" in result and run.val is not None else math.nan
     barrier()
     head = load_checkpoint(folder / "probe.pt")["model"]
     run.model.module.load_state_dict(head)
     if run.ema is not None:  # its copy now holds the starting point, which best.pt's epoch 0 saves below
         run.ema = make_ema(run.model.module, run.config.ema_epochs * run.train.num_batches)
-    start = all_sum([start], run.device)[0]  # rank 0's figure on every rank: they judge epochs alike
-    if not math.isnan(start):
-        run.state.best, run.state.best_epoch = start, 0
+    if run.val is not None:
+        result = evaluate(run.kept, run.val.epoch(0), new_meter_for(run.dataset, run.device), amp=run.amp,
+                          num_batches=run.val.num_batches, on_corrupt=run.config.on_corrupt)
+        run.state.start = val_columns(result)
+        run.state.best, run.state.best_epoch = run.state.start[run.config.metric], 0
         save(run, "best.pt")
 
 
@@ -428,6 +430,8 @@ def finish(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]:
                                "epochs": run.state.epoch, "steps": run.state.step}
     if run.probe:
         summary["probe"] = run.probe  # the head fit started from: its top-1 (val, test) before fine-tuning
+    if run.state.start:
+        summary["start"] = run.state.start  # that starting point validated as the epochs are (best_epoch 0)
     split = "test" if run.dataset.has_split("test") else (run.config.val_split if run.val is not None else None)
     if best is not None and split is not None:
         run.model.module.load_state_dict(best["model"])
