@@ -37,7 +37,7 @@ import yaml
 
 from benchmarks.common import CACHE, emit, real_data, tool
 
-RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "6"]
+RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
 COLUMNS = ["name", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
            "gain_images", "start_val", "unfrozen_val", "fit_minutes", "img_s", "probe_seconds"]
 
