@@ -29,8 +29,10 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "no chromium here: the browser test will be skipped"
 
-# Two test processes (pytest-xdist; TEST_WORKERS=0: one): 8.9 min instead of 13.1 for the same tests on this
-# 2-core machine (2026-12-02).
+# Two test processes (pytest-xdist; TEST_WORKERS=0: one): 8.9 min instead of 13.1 for the same tests on a
+# slower 2-core machine (2026-12-02); on a faster one, a clean clone's .ci/run took 8.1 min, 6:20 of it pytest
+# (5023c27). The install compiles .pyc files on purpose: with PYTHONDONTWRITEBYTECODE=1 (set here) a
+# --no-compile install saves 38 s once and costs ~6 s of imports in every test process and CLI call.
 TEST_WORKERS ?= 2
 TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 
