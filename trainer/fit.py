@@ -20,8 +20,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import FitConfig, write_yaml
-from trainer.data import Batch, Loader, LoaderSpec, make_loader, resolve_backend
-from trainer.dataset import Dataset, is_url, open_dataset
+from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
+from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
 from trainer.errors import ConfigError
 from trainer.infer import eval_resize
@@ -191,9 +191,8 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
 
 def resolved(run: Run) -> dict[str, Any]:
     """What the run's auto settings resolved to on this machine: a resume elsewhere must resolve the same."""
-    uncached = is_url(run.dataset.root) and not run.config.cache  # URL DATA without --cache: torch only
-    return {"loader": resolve_backend(run.config.loader, str(run.device), uncached),
-            "device": run.device.type,
+    train = loader_spec(run.config, run.dataset, run.model, run.dist, run.device, run.config.train_split, True)
+    return {"loader": spec_backend(train, run.config.loader), "device": run.device.type,
             "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world}
 
 

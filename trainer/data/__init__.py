@@ -82,7 +82,7 @@ def eval_spec(shards: tuple[Shard, ...], pre: Preprocessing, batch_size: int, **
 
 def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     """backend: torch | dali | auto (dali when it is installed and a GPU is there, else torch)."""
-    if resolve_backend(backend, spec.device, uncached_urls(spec)) == "dali":
+    if spec_backend(spec, backend) == "dali":
         from trainer.data.dali import DaliLoader
 
         if not has_json_members(spec.shards):  # tars written by another tool, indexed by `shardtool index`
@@ -102,6 +102,11 @@ def resolve_backend(backend: str, device: str, uncached: bool = False) -> str:
     if backend == "auto":
         return "dali" if device.startswith("cuda") and dali_available() and not uncached else "torch"
     return backend
+
+
+def spec_backend(spec: LoaderSpec, backend: str) -> str:
+    """The backend make_loader runs for SPEC: resolve_backend with what SPEC's shards allow."""
+    return resolve_backend(backend, spec.device, uncached_urls(spec))
 
 
 def uncached_urls(spec: LoaderSpec) -> bool:
