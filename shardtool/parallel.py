@@ -70,7 +70,10 @@ class Workers:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            except OSError:  # the wake-up pipe of a pool that broke meanwhile (see _submit): nothing left to stop
+                pass
             self._pool = None
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
@@ -84,7 +87,7 @@ class Workers:
         pending: deque[Future[list[B]]] = deque()
         try:
             for chunk in batched(items, batch):
-                pending.append(pool.submit(_call, path, chunk))
+                pending.append(_submit(pool, path, chunk))
                 if len(pending) > 2 * self.count:
                     yield from pending.popleft().result()
             while pending:
@@ -111,6 +114,16 @@ class Workers:
         with open(path, "wb") as file:
             pickle.dump(fn, file, protocol=pickle.HIGHEST_PROTOCOL)
         return path
+
+
+def _submit(pool: ProcessPoolExecutor, path: str, chunk: list[A]) -> Future[list[B]]:
+    """pool.submit, where a pool that breaks while we submit is a BrokenProcessPool: CPython 3.11's submit checks
+    for a broken pool, then writes to a wake-up pipe that the pool's manager thread may have closed since
+    (OSError "handle is closed", seen once in a run of the test suite; nothing else in submit does I/O)."""
+    try:
+        return pool.submit(_call, path, chunk)
+    except OSError as error:
+        raise BrokenProcessPool(str(error)) from error
 
 
 def ordered_map(fn: Callable[[list[A]], list[B]], items: Iterable[A], workers: Workers,

@@ -297,3 +297,23 @@ def test_python_script_packing_without_a_main_guard_is_told_how_to_fix_it(shapes
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["report"]["written"] == 48
+
+
+def test_a_pool_that_breaks_while_work_is_submitted_is_the_one_line_error(monkeypatch):
+    """CPython 3.11's submit can hit the wake-up pipe of a pool that broke a moment before ("OSError: handle is
+    closed"), and so can the shutdown after it: the user gets the worker message, not that traceback."""
+    from shardtool.errors import PackError
+    from shardtool.parallel import Workers
+
+    class BrokenPool:
+        def submit(self, *args):
+            raise OSError("handle is closed")
+
+        def shutdown(self, **kwargs):
+            raise OSError("handle is closed")
+
+    workers = Workers(2)
+    monkeypatch.setattr(workers, "_start", lambda: setattr(workers, "_pool", BrokenPool()) or workers._pool)
+    with pytest.raises(PackError, match="worker process"), workers:
+        list(workers.map(len, range(10), batch=2))
+    assert workers._pool is None
