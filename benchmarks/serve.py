@@ -1,6 +1,7 @@
 """Serving latency and throughput: `trainer serve` on a checkpoint and on its ONNX export, same images.
 
-    python -m benchmarks.serve [--ckpt CKPT --data SHARDS --split S --images DIR] [--requests 100] [--repeats 3] [--json]
+    python -m benchmarks.serve [--ckpt CKPT --data SHARDS --split S --images DIR] [--onnx FILE] [--requests 100]
+                               [--repeats 3] [--json]
 
 Each model is served by its own `trainer serve` process on a free local port (defaults: batches of up to
 16, 5 ms wait), warmed up with 10 requests, then measured round by round, the two rows alternating:
@@ -14,7 +15,7 @@ measured rounds: its whole process tree (common.TreePeak: summed PSS sampled, or
 
 CKPT defaults to the accuracy benchmark's clothing-small fit (benchmarks/.cache/accuracy-runs), else a
 linear probe on the clothing-small shards it packs (made once here). The ONNX file is `trainer export`ed
-from it, parity-checked on the test split.
+from it, parity-checked on the test split (or --onnx: one exported from CKPT before).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main() -> None:
                                                    "[clothing-small, packed once].")
     parser.add_argument("--split", default="test", help="Split of --data for the parity check.")
     parser.add_argument("--images", default="", help="Folder of images to send [clothing-small/test].")
+    parser.add_argument("--onnx", default="", help="`trainer export` of --ckpt made before [exported here].")
     parser.add_argument("--requests", type=int, default=100, help="Requests at concurrency 1 (x2 at 8) per round.")
     parser.add_argument("--repeats", type=int, default=3, help="Rounds; each row's figures are their median.")
     parser.add_argument("--json", action="store_true")
@@ -151,7 +153,7 @@ def main() -> None:
     images = [p.read_bytes() for p in sorted(folder.glob("**/*.jpg"))]
     rows: dict[str, list[dict[str, float]]] = {"checkpoint": [], "onnx": []}
     with tempfile.TemporaryDirectory() as tmp, serving(ckpt) as torch_url, \
-            serving(export_onnx(ckpt, Path(tmp), args.data, args.split)) as onnx_url:
+            serving(Path(args.onnx) if args.onnx else export_onnx(ckpt, Path(tmp), args.data, args.split)) as onnx_url:
         urls = {"checkpoint": torch_url, "onnx": onnx_url}
         for url in urls.values():
             sequential(url + "/predict", images, 10)  # warm-up

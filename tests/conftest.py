@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from click.testing import CliRunner, Result
 
 from shardtool.cli import main
 from shardtool.synth import make_shapes
+
+
+T = TypeVar("T")
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]) -> T:
+    """Session data built once per test run, not once in each pytest-xdist worker that needs it (make test runs
+    two): the file-lock pattern of xdist's docs. MAKE(FOLDER) builds into the empty FOLDER and returns a
+    picklable value, which every worker gets; the tests that share it only read it."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: the fixture's own scope is enough
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # this run's, above the workers' own folders
+    folder, value = root / name, root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if not value.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose MAKE failed left
+            folder.mkdir()
+            value.write_bytes(pickle.dumps(make(folder)))
+        return pickle.loads(value.read_bytes())
 
 
 def real_data_root() -> Path | None:
@@ -51,7 +75,21 @@ def shapes_model(tmp_path_factory: pytest.TempPathFactory):
     """A probe checkpoint on generated shapes (tests/models.py)."""
     from tests.models import shapes_checkpoint
 
-    return shapes_checkpoint(tmp_path_factory.mktemp("shapes-model"))
+    return once_per_run(tmp_path_factory, "shapes-model", shapes_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx(shapes_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """shapes_model `trainer export`ed to ONNX, its parity checked on the val split: (the file, --json's output)."""
+    from tests.models import trainer
+
+    def make(folder: Path) -> tuple[Path, dict[str, Any]]:
+        done = trainer("export", shapes_model.ckpt, folder / "model.onnx", "--check-data", shapes_model.data,
+                       "--split", "val", "--json")
+        assert done.returncode == 0, done.stderr
+        return folder / "model.onnx", json.loads(done.stdout)
+
+    return once_per_run(tmp_path_factory, "shapes-onnx", make)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +100,7 @@ def clothing_model(tmp_path_factory: pytest.TempPathFactory):
     root = real_data_root()
     if root is None:
         pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
-    return clothing_checkpoint(root, tmp_path_factory.mktemp("clothing-model"))
+    return once_per_run(tmp_path_factory, "clothing-model", lambda folder: clothing_checkpoint(root, folder))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

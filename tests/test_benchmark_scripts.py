@@ -95,9 +95,9 @@ def test_loader_benchmark_rejects_an_unknown_row_in_one_line(tmp_path: Path) -> 
         f"unknown rows: pytorch (choose from {', '.join(ROWS)})")
 
 
-def test_serve_benchmark_measures_the_checkpoint_and_its_onnx_export(shapes_model, tmp_path: Path) -> None:
-    done = run_module("benchmarks.serve", "--ckpt", str(shapes_model.ckpt), "--data", str(shapes_model.data),
-                      "--split", "val", "--images", str(shapes_model.source), "--requests", "4", "--repeats", "1", "--json",
+def test_serve_benchmark_measures_the_checkpoint_and_its_onnx_export(shapes_model, shapes_onnx, tmp_path: Path) -> None:
+    done = run_module("benchmarks.serve", "--ckpt", str(shapes_model.ckpt), "--onnx", str(shapes_onnx[0]),
+                      "--images", str(shapes_model.source), "--requests", "4", "--repeats", "1", "--json",
                       results=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)["results"]}

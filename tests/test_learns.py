@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from shardtool.synth import CLASSES, make_shapes
-from tests.conftest import run_cli
+from tests.conftest import once_per_run, run_cli
 from trainer.config import FitConfig
 from trainer.fit import fit
 from trainer.predict import evaluate_checkpoint, load_predictor, predict_csv
@@ -71,18 +71,22 @@ def pack_and_fit(source: Path, out: Path) -> Fitted:
 
 @pytest.fixture(scope="module")
 def shapes_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shapes(tmp_path_factory.mktemp("learns") / "shapes", per_class=PER_CLASS, size=SIZE, seed=SEED)
+    return shapes_in(tmp_path_factory.mktemp("learns"))
 
 
-@pytest.fixture(scope="module")
-def real(shapes_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    return pack_and_fit(shapes_source, tmp_path_factory.mktemp("real"))
+def shapes_in(folder: Path) -> Path:
+    return make_shapes(folder / "shapes", per_class=PER_CLASS, size=SIZE, seed=SEED)
 
 
-@pytest.fixture(scope="module")
-def permuted(shapes_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    out = tmp_path_factory.mktemp("permuted")
-    return pack_and_fit(permuted_copy(shapes_source, out / "shapes", SEED), out)
+@pytest.fixture(scope="session")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    return once_per_run(tmp_path_factory, "learns-real", lambda out: pack_and_fit(shapes_in(out), out))
+
+
+@pytest.fixture(scope="session")
+def permuted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    return once_per_run(tmp_path_factory, "learns-permuted",
+                        lambda out: pack_and_fit(permuted_copy(shapes_in(out / "source"), out / "shapes", SEED), out))
 
 
 def test_permuted_copy_keeps_images_and_class_counts_and_moves_most_labels(shapes_source: Path,

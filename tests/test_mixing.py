@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import once_per_run, run_cli
 from tests.readback import record_figure
 from trainer.data import LoaderSpec, dali_available, make_loader
 from trainer.data.mixing import Mixing, mixing, uniform_mixing
@@ -26,17 +26,21 @@ BATCH = 32
 SECTION = "batch mixing on clothing-small (tests/test_mixing.py)"
 
 
-@pytest.fixture(scope="module", params=["shuffled", "source"])
+@pytest.fixture(scope="session", params=["shuffled", "source"])
 def clothing(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     from tests.conftest import real_data_root
 
     root = real_data_root()
     if root is None:
         pytest.skip("real data not available: set SHARDTOOL_REAL_DATA to the shared/data folder")
-    out = tmp_path_factory.mktemp("mixing") / request.param
-    result = run_cli("pack", root / "clothing-small", out, "--resize", "shorter:40", "--order", request.param)
-    assert result.exit_code == 0, result.output
-    return request.param, out
+
+    def make(folder: Path) -> Path:
+        result = run_cli("pack", root / "clothing-small", folder / "shards", "--resize", "shorter:40", "--order",
+                         request.param)
+        assert result.exit_code == 0, result.output
+        return folder / "shards"
+
+    return request.param, once_per_run(tmp_path_factory, f"mixing-{request.param}", make)
 
 
 def epoch_labels(out: Path, backend: str, epochs: int = 3) -> list[list[int]]:

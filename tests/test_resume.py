@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 
 from shardtool.synth import make_shapes
+from tests.conftest import once_per_run
 
 SHARDTOOL = Path(sys.executable).parent / "shardtool"
 OPTIONS = ["--shard-size", "50", "--resize", "shorter:96", "--split", "val=0.1", "--json"]
 SHARD_TIMEOUT = 120.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def many_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1,000 JPEGs of 160px: a pack that takes a few seconds and writes about 20 shards of 50."""
-    return make_shapes(tmp_path_factory.mktemp("many") / "shapes", per_class=250, size=160)
+    return once_per_run(tmp_path_factory, "many-shapes",
+                        lambda folder: make_shapes(folder / "shapes", per_class=250, size=160))
 
 
 def command(source: Path, out: Path, workers: int = 2) -> list[str]:
@@ -76,12 +78,14 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clean(many_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same pack, never interrupted."""
-    out = tmp_path_factory.mktemp("clean") / "out"
-    run(command(many_shapes, out))
-    return out
+    def make(folder: Path) -> Path:
+        run(command(many_shapes, folder / "out"))
+        return folder / "out"
+
+    return once_per_run(tmp_path_factory, "many-shapes-packed", make)
 
 
 @pytest.mark.parametrize("kills", [(1,), (10,), (1, 10)], ids=["after-1-shard", "after-10-shards", "twice"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from shardtool.synth import make_shapes
-from tests.conftest import run_cli
+from tests.conftest import once_per_run, run_cli
 from tests.faultserver import FaultServer
 from tests.readback import record_figure
 from trainer.keylog import read_keys
@@ -44,12 +44,16 @@ def trainer(*args: str | Path, check: bool = True, **kw) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 classes x 40 shapes: 120 train samples (30 batches of 4), a val and a test split, 10 per shard."""
-    source = make_shapes(tmp_path_factory.mktemp("src") / "shapes", per_class=40, size=64)
-    out = tmp_path_factory.mktemp("shards") / "shapes"
-    result = run_cli("pack", source, out, "--split", "val=0.125,test=0.125", "--stratify", "--shard-size", "10", "--workers", "0")
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["num_samples"] == 120
-    return out
+    def make(folder: Path) -> Path:
+        source = make_shapes(folder / "src" / "shapes", per_class=40, size=64)
+        out = folder / "shards" / "shapes"
+        result = run_cli("pack", source, out, "--split", "val=0.125,test=0.125", "--stratify", "--shard-size", "10",
+                         "--workers", "0")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["num_samples"] == 120
+        return out
+
+    return once_per_run(tmp_path_factory, "trainer-data", make)
 
 
 def train_keys(data: Path) -> set[str]:
@@ -276,12 +280,14 @@ def test_the_backbone_warms_up_again_after_unfreezing(data: Path, tmp_path: Path
     assert backbone[2] == pytest.approx(head[2] * 0.1)  # ramp done
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_epoch_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run of the tiny model (left as it is by the tests that use it)."""
-    out = tmp_path_factory.mktemp("one-epoch") / "run"
-    trainer("fit", data, out, "--epochs", "1", *TINY)
-    return out
+    def make(folder: Path) -> Path:
+        trainer("fit", data, folder / "run", "--epochs", "1", *TINY)
+        return folder / "run"
+
+    return once_per_run(tmp_path_factory, "trainer-one-epoch", make)
 
 
 @pytest.mark.parametrize("case", ["not_output", "missing_split", "other_dataset", "bad_option", "run_exists"])
