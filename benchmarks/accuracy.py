@@ -16,7 +16,11 @@ probe's starting point, best_epoch 0, when no epoch beat it on val), the fit's w
 training images/s, and the val top-1 before the backbone starts learning (start_val: the head fit
 starts from, validated by fit itself like every epoch after it; else the last frozen epoch's) and
 after its first epoch of learning (a drop there is the collapse at the unfreeze). The val split is
-small (val_images), so gain_images says how many more val images the fine-tune gets right than the probe.
+small (val_images), so gain_images says how many more val images the fine-tune gets right than the probe,
+and a paired comparison says whether that is more than chance: best.pt and the probe head fit started
+from each predict every val and test image (`trainer predict`), and on the images only one of them
+gets right, val_won/val_lost (test_won/test_lost) count those the fine-tune wins and loses; val_p
+(test_p) is McNemar's exact two-sided p-value, the chance of a split that uneven if neither were better.
 
 Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -39,7 +44,8 @@ from benchmarks.common import CACHE, emit, real_data, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
 COLUMNS = ["name", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
-           "gain_images", "start_val", "unfrozen_val", "fit_minutes", "img_s", "probe_seconds"]
+           "gain_images", "val_won", "val_lost", "val_p", "test_won", "test_lost", "test_p", "start_val",
+           "unfrozen_val", "fit_minutes", "img_s", "probe_seconds"]
 
 
 def pack_args(name: str, real: Path) -> list[str]:
@@ -83,6 +89,35 @@ def run_fit(data: Path, out: Path, fit_args: list[str]) -> tuple[list[dict[str, 
     return rows, json.loads((out / "summary.json").read_text()), seconds
 
 
+def right_by_key(ckpt: Path, data: Path, split: str, out: Path) -> dict[str, bool]:
+    """Per image of SPLIT: whether CKPT's top-1 is its label (`trainer predict`, the checkpoint's precision)."""
+    subprocess.run([tool("trainer"), "predict", str(ckpt), str(data), "--split", split, "--out", str(out)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out, newline="", encoding="utf-8") as file:
+        return {row["key"]: row["label"] == row["prediction"] for row in csv.DictReader(file)}
+
+
+def mcnemar(fit: dict[str, bool], start: dict[str, bool]) -> tuple[int, int, float]:
+    """Images only the fine-tune gets right, images only its start gets right, and McNemar's exact two-sided
+    p-value: under "neither is better" each of those images is a fair coin (hand-written: 3 lines of
+    binomial sums, not worth a scipy dependency)."""
+    won = sum(fit[key] and not start[key] for key in fit)
+    lost = sum(start[key] and not fit[key] for key in fit)
+    n = won + lost
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2 ** n if n else 0.5
+    return won, lost, round(min(1.0, 2 * tail), 4)
+
+
+def paired(data: Path, run: Path, splits: dict[str, str]) -> dict[str, Any]:
+    """best.pt against the probe head RUN started from (RUN/probe/probe.pt), per split role (val, test)."""
+    out: dict[str, Any] = {}
+    for role, split in splits.items():
+        fit = right_by_key(run / "best.pt", data, split, run / f"paired-{role}-fit.csv")
+        start = right_by_key(run / "probe" / "probe.pt", data, split, run / f"paired-{role}-start.csv")
+        out[f"{role}_won"], out[f"{role}_lost"], out[f"{role}_p"] = mcnemar(fit, start)
+    return out
+
+
 def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str, Any]:
     data = packed(name, real)
     manifest = json.loads((data / "dataset.json").read_text())
@@ -94,14 +129,16 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     best = max(val)
     test = summary.get("test", {}).get("top1")
     train_images = manifest["splits"]["train"]["num_samples"]
-    val_images = next(manifest["splits"][n]["num_samples"] for n in ("val", "validation") if n in manifest["splits"])
+    val_split = next(n for n in ("val", "validation") if n in manifest["splits"])
+    val_images = manifest["splits"][val_split]["num_samples"]
+    splits = {"val": val_split} | ({"test": "test"} if "test" in manifest["splits"] else {})
     return {"name": name, "train_images": train_images, "classes": len(manifest["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
             "fit_val": best, "fit_test": test, "best_epoch": summary["best_epoch"],
             "val_images": val_images, "gain_images": round((best - probe["val"]["top1"]) * val_images),
             "start_val": val[frozen - 1] if frozen else summary.get("start", {}).get("val_top1"),
             "unfrozen_val": val[frozen] if frozen < len(val) else None,
-            "fit_beats_probe": best > probe["val"]["top1"], "fit_minutes": round(seconds / 60, 2),
+            **paired(data, work / f"{name}-fit", splits), "fit_minutes": round(seconds / 60, 2),
             "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),
             "val_by_epoch": val, "fit_args": fit_args}
 

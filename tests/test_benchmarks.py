@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,3 +74,25 @@ def test_memory_benchmark_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert large["rss_vs_smallest"] == round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
         assert large["growth_mb"] == round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-memory-")]  # dumps and shards removed
+
+
+def test_accuracy_paired_comparison_counts_disagreements_and_gives_mcnemars_p() -> None:
+    from benchmarks.accuracy import mcnemar
+
+    start = {f"k{i}": i < 50 for i in range(100)}  # right on the first 50
+    fit = {f"k{i}": 10 <= i < 70 for i in range(100)}  # loses 10 of them, wins 20 others
+    won, lost, p = mcnemar(fit, start)
+    assert (won, lost) == (20, 10)
+    assert p == round(2 * sum(math.comb(30, k) for k in range(11)) / 2**30, 4) == 0.0987  # by hand: 0.09874
+    assert mcnemar(start, start) == (0, 0, 1.0)  # no disagreement: no evidence either way
+    assert mcnemar({"a": True, "b": True}, {"a": False, "b": False})[2] == 0.5  # 2 of 2 is a coin's 1 in 4, twice
+
+
+def test_accuracy_reads_right_and_wrong_per_image_as_evaluate_scores_them(shapes_model, tmp_path: Path) -> None:
+    from benchmarks.accuracy import right_by_key
+    from trainer.predict import evaluate_checkpoint, load_predictor
+
+    right = right_by_key(shapes_model.ckpt, shapes_model.data, "val", tmp_path / "val.csv")
+    result, _ = evaluate_checkpoint(load_predictor(str(shapes_model.ckpt), str(shapes_model.data), "cpu"), "val")
+    assert len(right) == result["num_samples"] == 32
+    assert sum(right.values()) == round(result["top1"] * 32)
