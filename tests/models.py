@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
+from tests.zygote import run_trainer
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,7 @@ class Trained:
 
 
 def trainer(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_trainer(*args, timeout=timeout)
 
 
 def probe_checkpoint(source: Path, out: Path, image_size: int) -> Trained:

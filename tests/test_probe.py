@@ -9,7 +9,6 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
+from tests.zygote import run_trainer
 from trainer.predict import evaluate_checkpoint, load_predictor, predict_csv
 from trainer.probe import ProbeConfig, probe
 
@@ -112,8 +112,7 @@ def test_without_a_val_split_the_default_l2_is_used(data: Path, tmp_path: Path) 
 
 
 def trainer(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return run_trainer(*args)
 
 
 def test_command_line_json_and_one_line_errors(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from shardtool.synth import make_shapes
 from tests.conftest import once_per_run, run_cli
+from tests.zygote import run_trainer
 from tests.faultserver import FaultServer
 from tests.readback import record_figure
 from trainer.keylog import read_keys
@@ -34,8 +35,7 @@ TINY = ["--model", "tiny_cnn", "--weights", "none", "--batch-size", "4", "--work
 
 
 def trainer(*args: str | Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                            timeout=600, **kw)
+    result = run_trainer(*args, **kw)
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
     return result
