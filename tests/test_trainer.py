@@ -207,8 +207,8 @@ def test_a_server_that_stalls_stops_the_run_with_one_line(data: Path, tmp_path: 
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"cannot read {server.url}train-000002.tar bytes " in line and "gave up after 2 tries" in line
     record_figure("remote reads against a failing server (tests/test_remote.py)",
-                  f"trainer fit, a stalled shard, --timeout 1 --retries 1: exit 2 after {took:.1f} s, start-up "
-                  f"included: {line}")
+                  f"trainer fit, a stalled shard, --timeout 1 --retries 1: exit 2 after {took:.1f} s (the whole "
+                  f"command, forked from tests/zygote.py with its imports done): {line}")
 
 
 def test_a_process_that_would_get_no_training_samples_is_refused(data: Path, tmp_path: Path) -> None:

@@ -5,10 +5,11 @@ any work, and the suite starts ~50 of them: on a 2-core machine that is a good p
 Each call here is still a process of its own (its pid, exit status, stdout, stderr, DataLoader workers,
 signals); only the imports happen once per test process, in a zygote that never runs a torch operation,
 so forking it is what the DataLoader does for its workers anyway. A call that passes its own
-environment or working directory, or made after a test changed os.environ, gets a fresh interpreter
-as before (variables such as allocator settings are read at import).
+environment or working directory, or made after a test changed os.environ (other than pytest's
+PYTEST_CURRENT_TEST), gets a fresh interpreter as before (variables such as allocator settings are read
+at import).
 
-Protocol (one JSON line each way, on the zygote's stdin/stdout): {"argv", "cwd", "out", "err"} -> {"pid"},
+Protocol (one JSON line each way, on the zygote's stdin/stdout): {"argv", "cwd", "env", "out", "err"} -> {"pid"},
 then {"returncode"} once the child has exited. The child writes its stdout/stderr to the files named.
 """
 
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ def _child(request: dict[str, Any]) -> None:
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])  # differs from the zygote's only in PER_TEST (run_trainer checks)
         sys.argv = ["trainer", *request["argv"]]
         runpy.run_module("trainer", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
@@ -106,7 +110,7 @@ class Zygote:
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
             out, err = Path(tmp) / "out", Path(tmp) / "err"
-            request = {"argv": argv, "cwd": os.getcwd(), "out": str(out), "err": str(err)}
+            request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "out": str(out), "err": str(err)}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             pid = self._reply(None)["pid"]
@@ -120,13 +124,18 @@ class Zygote:
 
 
 _zygote: Zygote | None = None
+PER_TEST = {"PYTEST_CURRENT_TEST"}  # pytest sets it for every test; the child gets the caller's value
+
+
+def _import_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key not in PER_TEST}
 
 
 def run_trainer(*args: str | os.PathLike[str], timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
     """subprocess.run([python, -m, trainer, *ARGS], capture_output=True, text=True, timeout=TIMEOUT, **KW)."""
     global _zygote
     argv = [str(a) for a in args]
-    if kw or dict(os.environ) != (_zygote.env if _zygote is not None else dict(os.environ)):
+    if kw or (_zygote is not None and _import_env(os.environ) != _import_env(_zygote.env)):
         return subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True,
                               timeout=timeout, **kw)
     if _zygote is None or not _zygote.alive():
