@@ -29,11 +29,12 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "no chromium here: the browser test will be skipped"
 
-# Two test processes (pytest-xdist; TEST_WORKERS=0: one): 8.9 min instead of 13.1 for the same tests on a
-# slower 2-core machine (2026-12-02); on a faster one, a clean clone's .ci/run took 8.1 min, 6:20 of it pytest
-# (5023c27). The install compiles .pyc files on purpose: with PYTHONDONTWRITEBYTECODE=1 (set on that machine)
-# a --no-compile install saved 38 s once, and importing the whole stack took 12.2 s instead of 6.0 s in every
-# process after it (each test process and CLI call pays its share of that).
+# Two test processes (pytest-xdist; TEST_WORKERS=0: one). A clean clone's .ci/run on a 2-core AMD EPYC:
+# 8.0 min at 1baa5fe (pytest 6:00), 5.9 min at bd08ec2 (pytest 4:24, install ~88 s) once session data is
+# built once per run (tests/conftest.py once_per_run) and trainer calls fork from a zygote that has imported
+# torch (tests/zygote.py); three test processes were no faster (254 vs 255 s of pytest). The install compiles
+# .pyc files on purpose: with PYTHONDONTWRITEBYTECODE=1 (set on that machine) a --no-compile install saved
+# 38 s once, and importing the whole stack took 12.2 s instead of 6.0 s in every process after it.
 TEST_WORKERS ?= 2
 TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=ROOT, env=self.env)
         self.buffer = b""
+        self.lock = threading.Lock()  # one request at a time on the pipe
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -108,7 +110,7 @@ class Zygote:
         return json.loads(line)
 
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
+        with self.lock, tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
             out, err = Path(tmp) / "out", Path(tmp) / "err"
             request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "out": str(out), "err": str(err)}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
