@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -246,12 +247,21 @@ def add_ratio(results: list[dict[str, Any]], column: str, base: str, figure: str
             result[column] = round(result[figure] / reference, 3)
 
 
+def command() -> str:
+    """The command line that is writing these results: `python -m benchmarks.NAME ARGS`, absolute paths
+    made relative to the repository."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = spec.name if spec is not None and spec.name.startswith("benchmarks.") else Path(sys.argv[0]).name
+    args = [rel(a) if os.path.isabs(a) else a for a in sys.argv[1:]]  # no path of this machine
+    return shlex.join(["python", "-m", module, *args])
+
+
 def write(name: str, settings: dict[str, Any], results: list[dict[str, Any]], columns: list[str],
           notes: list[str] | None = None) -> str:
     """Write results/<name>.json and .md; returns the markdown table. NOTES: rows not measured and why."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), "settings": settings, "results": results,
-               "notes": notes or [], "memory_measure": MEMORY_MEASURE}
+    payload = {"benchmark": name, "command": command(), "machine": machine(), "settings": settings,
+               "results": results, "notes": notes or [], "memory_measure": MEMORY_MEASURE}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for result in results:

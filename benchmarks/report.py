@@ -16,6 +16,7 @@ from typing import Any
 from benchmarks.common import RESULTS
 
 HERE = RESULTS.parent  # benchmarks/, unless BENCHMARK_RESULTS points elsewhere
+SCRIPTS = Path(__file__).resolve().parent  # the benchmark scripts
 ORDER = ("loader", "pack", "pack_bson", "memory", "fit")  # the rest follow by name
 TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing clothing-small",
           "pack_bson": "Packing a Cdiscount-like BSON dump", "memory": "Peak memory vs dataset size",
@@ -38,6 +39,20 @@ def load_results() -> list[dict[str, Any]]:
     return [found[n] for n in names]
 
 
+def how(result: dict[str, Any]) -> str:
+    """The command the result records; results from before it did: the script of the same name, or the
+    script before the first '-' run with --name (loader-network: benchmarks.loader --name loader-network)."""
+    name = result["benchmark"]
+    if result.get("command"):
+        return result["command"]
+    if (SCRIPTS / f"{name}.py").exists():
+        return f"python -m benchmarks.{name}"
+    script = name.split("-")[0]
+    if (SCRIPTS / f"{script}.py").exists():
+        return f"python -m benchmarks.{script} --name {name}"
+    return f"... --name {name}"
+
+
 def section(result: dict[str, Any]) -> str:
     name, machine = result["benchmark"], result["machine"]
     table = (RESULTS / f"{name}.md").read_text().strip()
@@ -45,7 +60,7 @@ def section(result: dict[str, Any]) -> str:
     if machine.get("commit"):
         where += f", commit {machine['commit']}"
     settings = ", ".join(f"{k}={v}" for k, v in result.get("settings", {}).items() if not isinstance(v, dict))
-    return "\n".join([f"## {TITLES.get(name, name)}", "", f"`python -m benchmarks.{name}`; {where}.", "",
+    return "\n".join([f"## {TITLES.get(name, name)}", "", f"`{how(result)}`; {where}.", "",
                       f"Settings: {settings}.", "", table, ""])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -41,6 +42,9 @@ def test_fit_benchmark_compares_real_batches_with_the_compute_only_ceiling(tmp_p
     assert written["results"] == printed["results"] and written["machine"]["cpus"] == os.cpu_count()
     assert written["settings"]["data"] == os.path.relpath(tmp_path / "shards", ROOT)  # no absolute path of this machine
     assert "whole process tree" in written["memory_measure"]
+    shards = os.path.relpath(tmp_path / "shards", ROOT)
+    assert written["command"].startswith(f"python -m benchmarks.fit --data {shards} --model tiny_cnn")  # as run,
+    assert not [arg for arg in shlex.split(written["command"]) if arg.startswith("/")]  # with no path of this machine
     assert (results / "fit.md").read_text().startswith("| name | img_s |")
 
 
@@ -48,9 +52,11 @@ def test_report_renders_every_result_into_one_page_and_a_chart(tmp_path: Path) -
     results = tmp_path / "results"
     results.mkdir()
     for name, rows in (("loader", [("shardtool-torch", 900.0), ("imagefolder", 300.0)]),
-                       ("zeta", [("other", 5.0)])):
+                       ("loader-network", [("shardtool-torch-http", 700.0)]), ("zeta", [("other", 5.0)])):
         payload = {"benchmark": name, "machine": {"cpus": 2, "python": "3.11", "commit": "abc1234"},
                    "settings": {"batch": 64}, "results": [{"name": n, "img_s": v} for n, v in rows]}
+        if name == "zeta":
+            payload["command"] = "python -m benchmarks.zeta --rows other"
         (results / f"{name}.json").write_text(json.dumps(payload))
         (results / f"{name}.md").write_text("| name | img_s |\n|---|---|\n" + "".join(f"| {n} | {v} |\n" for n, v in rows))
     done = run_module("benchmarks.report", results=results)
@@ -58,6 +64,9 @@ def test_report_renders_every_result_into_one_page_and_a_chart(tmp_path: Path) -
     page = (tmp_path / "RESULTS.md").read_text()
     assert page.index("## Loaders") < page.index("## zeta")  # the known benchmarks first, in their order
     assert "| shardtool-torch | 900.0 |" in page and "commit abc1234" in page and "batch=64" in page
+    assert "`python -m benchmarks.loader`;" in page  # results from before they recorded their command
+    assert "`python -m benchmarks.loader --name loader-network`;" in page
+    assert "`python -m benchmarks.zeta --rows other`;" in page  # the command the result recorded
     assert (tmp_path / "RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
