@@ -109,8 +109,11 @@ def mcnemar(fit: dict[str, bool], start: dict[str, bool]) -> tuple[int, int, flo
 
 
 def paired(data: Path, run: Path, splits: dict[str, str]) -> dict[str, Any]:
-    """best.pt against the probe head RUN started from (RUN/probe/probe.pt), per split role (val, test)."""
+    """best.pt against the probe head RUN started from (RUN/probe/probe.pt), per split role (val, test);
+    nothing when the fit started from no probe (--head-init random in --fit-args)."""
     out: dict[str, Any] = {}
+    if not (run / "probe" / "probe.pt").is_file():
+        return out
     for role, split in splits.items():
         fit = right_by_key(run / "best.pt", data, split, run / f"paired-{role}-fit.csv")
         start = right_by_key(run / "probe" / "probe.pt", data, split, run / f"paired-{role}-start.csv")
