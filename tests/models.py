@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
-from tests.zygote import run_trainer
+from tests.zygote import run_trainer as trainer  # `python -m trainer ARGS`
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,6 @@ class Trained:
     ckpt: Path
     data: Path  # its packed shards
     source: Path  # the class folders it was packed from
-
-
-def trainer(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_trainer(*args, timeout=timeout)
 
 
 def probe_checkpoint(source: Path, out: Path, image_size: int) -> Trained:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
-from tests.zygote import run_trainer
+from tests.zygote import run_trainer as trainer
 from trainer.predict import evaluate_checkpoint, load_predictor, predict_csv
 from trainer.probe import ProbeConfig, probe
 
@@ -109,10 +108,6 @@ def test_the_saved_head_evaluates_and_predicts_like_the_probe(data: Path, tmp_pa
 def test_without_a_val_split_the_default_l2_is_used(data: Path, tmp_path: Path) -> None:
     result = run(data, tmp_path / "cache", val_split="nope")
     assert set(result["splits"]) == {"train", "test"} and result["grid"] == [] and result["l2"] == 0.1
-
-
-def trainer(*args: str | Path) -> subprocess.CompletedProcess:
-    return run_trainer(*args)
 
 
 def test_command_line_json_and_one_line_errors(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
