@@ -1,7 +1,7 @@
 """Accuracy of the default recipe on every labelled dataset in ../shared/data, against a linear probe.
 
     python -m benchmarks.accuracy [--datasets clothing-small,fb-marketplace,fashion-mnist] [--json]
-                                  [--fit-args "--epochs 9 ..."] [--name accuracy]
+                                  [--fit-args "--epochs 9 ..."] [--seeds 0,1,2] [--name accuracy]
 
 For each dataset, packed once into benchmarks/.cache/accuracy/ as a user would pack it:
 - clothing-small: its own train/validation/test folders, `--resize shorter:256`;
@@ -23,6 +23,11 @@ gets right, val_won/val_lost (test_won/test_lost) count those the fine-tune wins
 (test_p) is McNemar's exact two-sided p-value, the chance of a split that uneven if neither were better.
 
 Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
+A seed is one draw of the training noise (the order of the batches, the crops, the flips; `trainer fit
+--seed`): with --seeds the fit runs once per seed (the pack, its split and the probe stay the same), one
+row each, and a row per dataset with seed "mean" gives the mean of every figure (its min and max beside
+it in the JSON as <column>_min/<column>_max). epoch1_images: val images the first epoch of learning gains
+(or, negative, loses) on its start.
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ import yaml
 from benchmarks.common import CACHE, emit, real_data, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
-COLUMNS = ["name", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
+COLUMNS = ["name", "seed", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
            "gain_images", "val_won", "val_lost", "val_p", "test_won", "test_lost", "test_p", "start_val",
-           "unfrozen_val", "fit_minutes", "img_s", "probe_seconds"]
+           "unfrozen_val", "epoch1_images", "fit_minutes", "img_s", "probe_seconds"]
 
 
 def pack_args(name: str, real: Path) -> list[str]:
@@ -121,12 +126,13 @@ def paired(data: Path, run: Path, splits: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str, Any]:
+def measure(name: str, real: Path, fit_args: list[str], work: Path, seed: int = 0) -> dict[str, Any]:
     data = packed(name, real)
     manifest = json.loads((data / "dataset.json").read_text())
     probe, probe_seconds = run_probe(data, work / f"{name}-probe")
-    rows, summary, seconds = run_fit(data, work / f"{name}-fit", fit_args)
-    config = yaml.safe_load((work / f"{name}-fit" / "config.yaml").read_text(encoding="utf-8"))
+    run = work / (f"{name}-fit" if seed == 0 else f"{name}-fit-seed{seed}")
+    rows, summary, seconds = run_fit(data, run, [*fit_args, "--seed", str(seed)])
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     frozen = config["freeze_epochs"]
     val = [float(row["val_top1"]) for row in rows]
     best = max(val)
@@ -135,21 +141,35 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path) -> dict[str,
     val_split = next(n for n in ("val", "validation") if n in manifest["splits"])
     val_images = manifest["splits"][val_split]["num_samples"]
     splits = {"val": val_split} | ({"test": "test"} if "test" in manifest["splits"] else {})
-    return {"name": name, "train_images": train_images, "classes": len(manifest["classes"]),
+    start = val[frozen - 1] if frozen else summary.get("start", {}).get("val_top1")
+    unfrozen = val[frozen] if frozen < len(val) else None
+    return {"name": name, "seed": seed, "train_images": train_images, "classes": len(manifest["classes"]),
             "probe_val": probe["val"]["top1"], "probe_test": probe.get("test", {}).get("top1"),
             "fit_val": best, "fit_test": test, "best_epoch": summary["best_epoch"],
             "val_images": val_images, "gain_images": round((best - probe["val"]["top1"]) * val_images),
-            "start_val": val[frozen - 1] if frozen else summary.get("start", {}).get("val_top1"),
-            "unfrozen_val": val[frozen] if frozen < len(val) else None,
-            **paired(data, work / f"{name}-fit", splits), "fit_minutes": round(seconds / 60, 2),
+            "start_val": start, "unfrozen_val": unfrozen,
+            "epoch1_images": None if start is None or unfrozen is None else round((unfrozen - start) * val_images),
+            **paired(data, run, splits), "fit_minutes": round(seconds / 60, 2),
             "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),
             "val_by_epoch": val, "fit_args": fit_args}
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dataset's rows (one per seed) summarised: the mean of each numeric column, with its min and max."""
+    out: dict[str, Any] = {"name": rows[0]["name"], "seed": "mean"}
+    for column in COLUMNS[2:]:
+        values = [row[column] for row in rows if isinstance(row.get(column), (int, float))]
+        if len(values) == len(rows):
+            out[column] = round(sum(values) / len(values), 4)
+            out[f"{column}_min"], out[f"{column}_max"] = min(values), max(values)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="clothing-small,fb-marketplace,fashion-mnist")
     parser.add_argument("--fit-args", default=shlex.join(RECIPE), help="flags for trainer fit [the README's recipe]")
+    parser.add_argument("--seeds", default="0", help="comma-separated `trainer fit --seed`s: a fit per seed [0]")
     parser.add_argument("--name", default="accuracy", help="results/<name>.json (to keep a trial beside the default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -158,9 +178,14 @@ def main() -> None:
     missing = [n for n in names if not (real / n).exists()]
     if missing:
         sys.exit(f"not found under {real}: {', '.join(missing)} (set SHARDTOOL_REAL_DATA)")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     work = CACHE / "accuracy-runs"
-    results = [measure(name, real, shlex.split(args.fit_args), work) for name in names]
+    results = []
+    for name in names:
+        rows = [measure(name, real, shlex.split(args.fit_args), work, seed) for seed in seeds]
+        results += rows + ([mean_row(rows)] if len(rows) > 1 else [])
     settings = {"model": "efficientnet_lite0", "weights": "imagenet", "fit_args": shlex.split(args.fit_args),
+                "seeds": seeds,
                 "pack": {name: pack_args(name, Path("$SHARDTOOL_REAL_DATA"))[1:] for name in names}}
     emit(args.name, settings, results, COLUMNS, args.json)
 
