@@ -179,7 +179,7 @@ def main() -> None:
     if missing:
         sys.exit(f"not found under {real}: {', '.join(missing)} (set SHARDTOOL_REAL_DATA)")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    work = CACHE / "accuracy-runs"
+    work = CACHE / "accuracy-runs" / ("" if args.name == "accuracy" else args.name)  # a trial keeps its own runs
     results = []
     for name in names:
         rows = [measure(name, real, shlex.split(args.fit_args), work, seed) for seed in seeds]
