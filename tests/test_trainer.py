@@ -248,6 +248,19 @@ def test_config_file_and_flags(data: Path, tmp_path: Path) -> None:
     trainer("fit", data, tmp_path / "run", "--config", config, "--epochs", "1")
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "epochs: 1\n" in saved and "batch_size: 8\n" in saved and "model: tiny_cnn\n" in saved
+    assert "optimizer: adamw\n" in saved and "weight_decay: 0.05\n" in saved
+
+
+def test_sgd_gets_an_sgd_weight_decay_unless_one_is_given(data: Path, tmp_path: Path) -> None:
+    from trainer.config import build_config
+
+    trainer("fit", data, tmp_path / "run", "--optimizer", "sgd", "--lr", "0.01", "--epochs", "1", *TINY)
+    assert "weight_decay: 0.0001\n" in (tmp_path / "run" / "config.yaml").read_text()  # AdamW's 0.05 is an L2 of 0.05
+    config = tmp_path / "c.yaml"
+    config.write_text("optimizer: sgd\nweight_decay: 0.001\n")
+    assert build_config({"data": "d", "out": "o"}, str(config)).weight_decay == 0.001
+    assert build_config({"data": "d", "out": "o", "weight_decay": 0.0}, str(config)).weight_decay == 0.0
+    assert build_config({"data": "d", "out": "o", "optimizer": "sgd"}, None).weight_decay == 1e-4
 
 
 def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics(data: Path, tmp_path: Path) -> None:

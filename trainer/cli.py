@@ -27,7 +27,8 @@ HELP = {
     "eval_image_size": "Side for validation, test and predict [0: --image-size]; a little above it often "
                        "scores higher after RandomResizedCrop training (FixRes).", "optimizer": "adamw | sgd.",
     "lr": "Peak LR of the head; the backbone gets lr x --backbone-lr-mult.",
-    "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Decoupled weight decay.",
+    "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "AdamW's decoupled weight "
+                      "decay; with --optimizer sgd an L2 term, 1e-4 unless given.",
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
     "min_lr": "Cosine floor as a fraction of --lr.",
     "head_init": "probe: start the head as the linear probe's (fitted on the frozen backbone's cached features "
@@ -141,7 +142,7 @@ def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: b
     if resume:
         config = resumed_config(load_checkpoint(Path(out) / "last.pt")["config"], given)
     else:
-        config = build_config(given if config_path else options | given, config_path)
+        config = build_config(given, config_path)  # the dataclass's defaults under what was given
     dist = distributed.setup(config.device)
     try:
         with EpochProgress(enabled=dist.main) as bar:
