@@ -255,7 +255,7 @@ def test_sgd_gets_an_sgd_weight_decay_unless_one_is_given(data: Path, tmp_path: 
     from trainer.config import build_config
 
     trainer("fit", data, tmp_path / "run", "--optimizer", "sgd", "--lr", "0.01", "--epochs", "1", *TINY)
-    assert "weight_decay: 0.0001\n" in (tmp_path / "run" / "config.yaml").read_text()  # AdamW's 0.05 is an L2 of 0.05
+    assert "weight_decay: 0.0001\n" in (tmp_path / "run" / "config.yaml").read_text()  # not AdamW's 0.05
     config = tmp_path / "c.yaml"
     config.write_text("optimizer: sgd\nweight_decay: 0.001\n")
     assert build_config({"data": "d", "out": "o"}, str(config)).weight_decay == 0.001

@@ -19,7 +19,7 @@ RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "im
                 "unfreeze_warmup_epochs", "head_init", "ema_epochs",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
-SGD_WEIGHT_DECAY = 1e-4  # SGD's is an L2 term in the gradient: torchvision's ImageNet recipes use 1e-4 (0.05 diverges)
+SGD_WEIGHT_DECAY = 1e-4  # SGD's is an L2 term in the gradient: torchvision's ImageNet recipes use 1e-4, not AdamW's 0.05
 
 
 @dataclass(frozen=True)
