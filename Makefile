@@ -32,7 +32,8 @@ browser:
 # Two test processes (pytest-xdist; TEST_WORKERS=0: one). A clean clone's .ci/run on a 2-core AMD EPYC:
 # 8.0 min at 1baa5fe (pytest 6:00), 5.9 min at bd08ec2 (pytest 4:24, install ~88 s) once session data is
 # built once per run (tests/conftest.py once_per_run) and trainer calls fork from a zygote that has imported
-# torch (tests/zygote.py); three test processes were no faster (254 vs 255 s of pytest). The install compiles
+# torch (tests/zygote.py); three test processes were no faster (254 vs 255 s of pytest). A slower draw of the
+# same machine (fits at 24-29 img/s, not 44-47) took 7.3 min at b3970d2 (pytest 5:28). The install compiles
 # .pyc files on purpose: with PYTHONDONTWRITEBYTECODE=1 (set on that machine) a --no-compile install saved
 # 38 s once, and importing the whole stack took 12.2 s instead of 6.0 s in every process after it.
 TEST_WORKERS ?= 2

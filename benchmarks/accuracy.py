@@ -26,8 +26,8 @@ Accuracy is deterministic for a seed on one machine; wall time and images/s move
 A seed is one draw of the training noise (the order of the batches, the crops, the flips; `trainer fit
 --seed`): with --seeds the fit runs once per seed (the pack, its split and the probe stay the same), one
 row each, and a row per dataset with seed "mean" gives the mean of every figure (its min and max beside
-it in the JSON as <column>_min/<column>_max). epoch1_images: val images the first epoch of learning gains
-(or, negative, loses) on its start.
+it in the JSON as <column>_min/<column>_max; p-values per run only). epoch1_images: val images the first
+epoch of learning gains (or, negative, loses) on its start.
 """
 
 from __future__ import annotations
@@ -126,10 +126,11 @@ def paired(data: Path, run: Path, splits: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def measure(name: str, real: Path, fit_args: list[str], work: Path, seed: int = 0) -> dict[str, Any]:
-    data = packed(name, real)
+def measure(name: str, data: Path, probed: tuple[dict[str, Any], float], fit_args: list[str], work: Path,
+            seed: int = 0) -> dict[str, Any]:
+    """One fit of dataset NAME (packed at DATA, PROBED by run_probe) with SEED: its row."""
     manifest = json.loads((data / "dataset.json").read_text())
-    probe, probe_seconds = run_probe(data, work / f"{name}-probe")
+    probe, probe_seconds = probed
     run = work / (f"{name}-fit" if seed == 0 else f"{name}-fit-seed{seed}")
     rows, summary, seconds = run_fit(data, run, [*fit_args, "--seed", str(seed)])
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
@@ -157,7 +158,7 @@ def measure(name: str, real: Path, fit_args: list[str], work: Path, seed: int = 
 def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One dataset's rows (one per seed) summarised: the mean of each numeric column, with its min and max."""
     out: dict[str, Any] = {"name": rows[0]["name"], "seed": "mean"}
-    for column in COLUMNS[2:]:
+    for column in (c for c in COLUMNS[2:] if not c.endswith("_p")):  # a mean of p-values is no test
         values = [row[column] for row in rows if isinstance(row.get(column), (int, float))]
         if len(values) == len(rows):
             out[column] = round(sum(values) / len(values), 4)
@@ -182,7 +183,9 @@ def main() -> None:
     work = CACHE / "accuracy-runs" / ("" if args.name == "accuracy" else args.name)  # a trial keeps its own runs
     results = []
     for name in names:
-        rows = [measure(name, real, shlex.split(args.fit_args), work, seed) for seed in seeds]
+        data = packed(name, real)
+        probed = run_probe(data, work / f"{name}-probe")  # the same for every seed
+        rows = [measure(name, data, probed, shlex.split(args.fit_args), work, seed) for seed in seeds]
         results += rows + ([mean_row(rows)] if len(rows) > 1 else [])
     settings = {"model": "efficientnet_lite0", "weights": "imagenet", "fit_args": shlex.split(args.fit_args),
                 "seeds": seeds,

@@ -91,14 +91,15 @@ def test_accuracy_paired_comparison_counts_disagreements_and_gives_mcnemars_p() 
 def test_accuracy_over_seeds_gives_each_figure_its_mean_min_and_max() -> None:
     from benchmarks.accuracy import mean_row
 
-    rows = [{"name": "d", "seed": 0, "fit_test": 92.5, "epoch1_images": -1, "test_p": None},
+    rows = [{"name": "d", "seed": 0, "fit_test": 92.5, "epoch1_images": -1, "test_p": 0.03},
             {"name": "d", "seed": 1, "fit_test": 93.5, "epoch1_images": 2, "test_p": 0.01},
-            {"name": "d", "seed": 2, "fit_test": 92.0, "epoch1_images": 2, "test_p": 0.2}]
+            {"name": "d", "seed": 2, "fit_test": 92.0, "epoch1_images": 2, "test_p": 0.2, "fit_val": None}]
     mean = mean_row(rows)
     assert (mean["name"], mean["seed"]) == ("d", "mean")
     assert (mean["fit_test"], mean["fit_test_min"], mean["fit_test_max"]) == (92.6667, 92.0, 93.5)
     assert (mean["epoch1_images"], mean["epoch1_images_min"], mean["epoch1_images_max"]) == (1.0, -1, 2)
-    assert "test_p" not in mean  # a figure missing from one seed has no mean: not a mean of the others
+    assert "fit_val" not in mean  # a figure missing from one seed has no mean: not a mean of the others
+    assert "test_p" not in mean  # nor has a p-value
 
 
 def test_accuracy_reads_right_and_wrong_per_image_as_evaluate_scores_them(shapes_model, tmp_path: Path) -> None:

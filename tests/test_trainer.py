@@ -252,7 +252,7 @@ def test_config_file_and_flags(data: Path, tmp_path: Path) -> None:
 
 
 def test_sgd_gets_an_sgd_weight_decay_unless_one_is_given(data: Path, tmp_path: Path) -> None:
-    from trainer.config import build_config
+    from trainer.config import FitConfig, build_config
 
     trainer("fit", data, tmp_path / "run", "--optimizer", "sgd", "--lr", "0.01", "--epochs", "1", *TINY)
     assert "weight_decay: 0.0001\n" in (tmp_path / "run" / "config.yaml").read_text()  # not AdamW's 0.05
@@ -261,6 +261,8 @@ def test_sgd_gets_an_sgd_weight_decay_unless_one_is_given(data: Path, tmp_path: 
     assert build_config({"data": "d", "out": "o"}, str(config)).weight_decay == 0.001
     assert build_config({"data": "d", "out": "o", "weight_decay": 0.0}, str(config)).weight_decay == 0.0
     assert build_config({"data": "d", "out": "o", "optimizer": "sgd"}, None).weight_decay == 1e-4
+    assert FitConfig("d", "o", optimizer="sgd").weight_decay == 1e-4  # the Python API too
+    assert FitConfig("d", "o").weight_decay == 0.05
 
 
 def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics(data: Path, tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ HELP = {
     "eval_image_size": "Side for validation, test and predict [0: --image-size]; a little above it often "
                        "scores higher after RandomResizedCrop training (FixRes).", "optimizer": "adamw | sgd.",
     "lr": "Peak LR of the head; the backbone gets lr x --backbone-lr-mult.",
-    "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "AdamW's decoupled weight "
-                      "decay; with --optimizer sgd an L2 term, 1e-4 unless given.",
+    "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Weight decay [adamw: "
+                      "0.05, decoupled; sgd: 1e-4, an L2 term].",
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
     "min_lr": "Cosine floor as a fraction of --lr.",
     "head_init": "probe: start the head as the linear probe's (fitted on the frozen backbone's cached features "
@@ -106,7 +106,7 @@ def fit_options(command: Any) -> Any:
             command = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
                                    show_default=True, help=HELP[f.name])(command)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             command = click.option(flag, f.name, type=kind, default=f.default, show_default=True,
                                    help=HELP[f.name])(command)
     return command

@@ -19,7 +19,9 @@ RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "im
                 "unfreeze_warmup_epochs", "head_init", "ema_epochs",
                 "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
 METRICS = ("val_top1", "val_top5", "val_loss")
-SGD_WEIGHT_DECAY = 1e-4  # SGD's is an L2 term in the gradient: torchvision's ImageNet recipes use 1e-4, not AdamW's 0.05
+# --weight-decay when not given, by optimizer: AdamW's is decoupled; SGD's is an L2 term in the gradient, and
+# torchvision's ImageNet recipes use 1e-4 (AdamW's 0.05 as an L2 term would be 500x that)
+WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class FitConfig:
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # the head's peak LR; the backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.05  # AdamW's (decoupled); with --optimizer sgd and no --weight-decay: SGD_WEIGHT_DECAY
+    weight_decay: float | None = None  # None: WEIGHT_DECAY[optimizer], set on creation (config.yaml has the number)
     momentum: float = 0.9
     warmup_epochs: float = 0.5
     min_lr: float = 0.01  # cosine floor, as a fraction of lr
@@ -68,6 +70,10 @@ class FitConfig:
     retries: int = 5  # URL DATA: failed requests in a row (no progress) before the run stops
     cache: str = ""  # URL DATA: keep whole shards in this folder, checked against the manifest's sha256
     cache_size: float = 0.0  # GB the cache may hold (least recently used shards go); 0: no cap
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is None and self.optimizer in WEIGHT_DECAY:
+            object.__setattr__(self, "weight_decay", WEIGHT_DECAY[self.optimizer])
 
     @property
     def remote(self) -> Remote:
@@ -124,8 +130,6 @@ def build_config(given: dict[str, Any], yaml_path: str | None) -> FitConfig:
     """Defaults, then the YAML file, then the flags the user actually typed (GIVEN)."""
     merged = read_yaml(yaml_path) if yaml_path else {}
     merged.update(given)
-    if merged.get("optimizer") == "sgd" and "weight_decay" not in merged:
-        merged["weight_decay"] = SGD_WEIGHT_DECAY
     if "data" not in merged or "out" not in merged:
         raise ConfigError("give DATA and OUT (as arguments or in the config file)")
     try:
