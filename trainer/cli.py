@@ -34,8 +34,9 @@ HELP = {
     "head_init": "probe: start the head as the linear probe's (fitted on the frozen backbone's cached features "
                  "in OUT/probe, then fine-tune everything: LP-FT) | random | auto: probe with pretrained weights.",
     "freeze_epochs": "Train only the head for this many epochs (backbone frozen, its BatchNorm in eval).",
-    "unfreeze_warmup_epochs": "After --freeze-epochs, the backbone's LR ramps up from 0 over this many epochs "
-                              "(its optimizer state starts empty; a full LR at once undoes the frozen epochs).",
+    "unfreeze_warmup_epochs": "From its first trainable step (after --freeze-epochs, or the first step), the "
+                              "backbone's LR ramps up from 0 over this many epochs [one epoch, and at least 100 "
+                              "steps: a full LR at once undoes pretrained features on small datasets].",
     "freeze_bn": "Keep the pretrained BatchNorm statistics after unfreezing too, as Keras' EfficientNet "
                  "fine-tuning guide does (92% vs 90% on clothing-small here); no effect with --weights none.",
     "label_smoothing": "Cross-entropy label smoothing.",

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.config import FitConfig, write_yaml
+from trainer.config import BACKBONE_WARMUP_STEPS, FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
 from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
@@ -341,7 +341,7 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
     total = (state.schedule_epochs or config.epochs) * num_batches
     warmup = round(config.warmup_epochs * num_batches)
     unfrozen = config.freeze_epochs * num_batches  # the backbone's first step: its own warmup from here
-    rewarm = round(config.unfreeze_warmup_epochs * num_batches) if config.freeze_epochs else 0
+    rewarm = backbone_warmup_steps(config, num_batches)
     sums = TrainSums(**state.partial) if state.partial else TrainSums()
 
     def set_lr() -> None:
@@ -366,6 +366,13 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
                            amp=run.amp, set_lr=set_lr, mix=make_mix(config, len(run.dataset.classes)), sums=sums,
                            start_batch=state.batch, num_batches=num_batches, on_corrupt=config.on_corrupt,
                            after_step=after_step, **agreed_skips(run))
+
+
+def backbone_warmup_steps(config: FitConfig, num_batches: int) -> int:
+    """Optimizer steps over which the backbone's LR ramps up from 0 once it trains (it multiplies the schedule)."""
+    if config.unfreeze_warmup_epochs is not None:
+        return round(config.unfreeze_warmup_epochs * num_batches)
+    return max(num_batches, BACKBONE_WARMUP_STEPS)
 
 
 def agreed_skips(run: Run) -> dict[str, Callable[[Batch], bool]]:
