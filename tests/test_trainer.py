@@ -295,6 +295,19 @@ def test_the_backbone_warms_up_again_after_unfreezing(data: Path, tmp_path: Path
     assert backbone[2] == pytest.approx(head[2] * 0.1)  # ramp done
 
 
+def test_the_backbone_warms_up_over_at_least_100_steps_by_default(data: Path, tmp_path: Path) -> None:
+    """Without frozen epochs the backbone trains from the first step, on its own ramp: by default one epoch
+    and at least 100 steps, so a small dataset (here 30 steps an epoch) does not hit its full LR within one."""
+    trainer("fit", data, tmp_path / "run", "--epochs", "2", *TINY, "--backbone-lr-mult", "0.1",
+            "--warmup-epochs", "0")
+    with open(tmp_path / "run" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    head = [float(row["lr"]) for row in rows]
+    backbone = [float(row["backbone_lr"]) for row in rows]
+    assert backbone[0] == pytest.approx(head[0] * 0.1 * 30 / 100)  # read at step 30 of its 100-step ramp
+    assert backbone[1] == pytest.approx(head[1] * 0.1 * 60 / 100)
+
+
 @pytest.fixture(scope="session")
 def one_epoch_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run of the tiny model (left as it is by the tests that use it)."""
