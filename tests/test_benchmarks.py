@@ -110,3 +110,25 @@ def test_accuracy_reads_right_and_wrong_per_image_as_evaluate_scores_them(shapes
     result, _ = evaluate_checkpoint(load_predictor(str(shapes_model.ckpt), str(shapes_model.data), "cpu"), "val")
     assert len(right) == result["num_samples"] == 32
     assert sum(right.values()) == round(result["top1"] * 32)
+
+
+def test_probe_grid_marks_the_head_val_chose(tmp_path: Path) -> None:
+    """Every L2 of the probe's grid gets a row, and the one `trainer probe` keeps is the row with the most
+    val images right (so the table shows how far that choice flatters the start's val)."""
+    import numpy as np
+
+    from benchmarks.probe_grid import grid_rows
+    from trainer.linear import L2_GRID
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 0.6
+    for role, n in (("train", 90), ("val", 45), ("test", 45)):
+        labels = np.arange(n) % 3
+        np.save(tmp_path / f"{role}.features.npy", (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32))
+        np.save(tmp_path / f"{role}.labels.npy", labels.astype(np.int64))
+    rows = grid_rows("blobs", tmp_path, 3)
+    assert [float(row["l2"]) for row in rows] == list(L2_GRID)
+    chosen = [row for row in rows if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["val_right"] == max(row["val_right"] for row in rows)
+    assert all(0 < row["val_right"] <= 45 and 0 < row["test_right"] <= 45 for row in rows)
+    assert len({row["val_right"] for row in rows}) > 1  # the grid's heads differ: there is something to choose
