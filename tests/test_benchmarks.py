@@ -118,7 +118,9 @@ def test_probe_grid_marks_the_head_val_chose(tmp_path: Path) -> None:
     import numpy as np
 
     from benchmarks.probe_grid import grid_rows
-    from trainer.linear import L2_GRID
+    from trainer.features import SplitFeatures
+    from trainer.linear import L2_GRID, choose_head
+    from trainer.metrics import EvalMeter
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 0.6
@@ -127,8 +129,12 @@ def test_probe_grid_marks_the_head_val_chose(tmp_path: Path) -> None:
         np.save(tmp_path / f"{role}.features.npy", (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32))
         np.save(tmp_path / f"{role}.labels.npy", labels.astype(np.int64))
     rows = grid_rows("blobs", tmp_path, 3)
+    features = {role: SplitFeatures(np.load(tmp_path / f"{role}.features.npy"), np.load(tmp_path / f"{role}.labels.npy"))
+                for role in ("train", "val")}
+    kept = choose_head(features["train"], features["val"], 3, lambda: EvalMeter(3)).l2  # what `trainer probe` keeps
     assert [float(row["l2"]) for row in rows] == list(L2_GRID)
     chosen = [row for row in rows if row["chosen"]]
     assert len(chosen) == 1 and chosen[0]["val_right"] == max(row["val_right"] for row in rows)
+    assert float(chosen[0]["l2"]) == kept
     assert all(0 < row["val_right"] <= 45 and 0 < row["test_right"] <= 45 for row in rows)
     assert len({row["val_right"] for row in rows}) > 1  # the grid's heads differ: there is something to choose

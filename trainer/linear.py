@@ -134,15 +134,26 @@ def _choose(rows: Rows, val_rows: Rows | None, num_classes: int, new_meter: Call
             mean: torch.Tensor, std: torch.Tensor) -> Choice:
     if val_rows is None:
         return Choice(fold(train_head(rows, num_classes, DEFAULT_L2), mean, std), DEFAULT_L2, [])
-    grid, best, head = [], None, None
-    for l2 in L2_GRID:
-        head = train_head(rows, num_classes, l2, head)
+    grid, best = [], None
+    for l2, head in grid_heads(rows, num_classes):
         result = score(head, val_rows, new_meter())
         grid.append({"l2": l2, "val_top1": result["top1"], "val_loss": result["loss"]})
-        rank = (result["top1"], -result["loss"])
-        if best is None or rank > best[0]:
-            best = (rank, l2, fold(head, mean, std))
+        if best is None or rank(result) > best[0]:
+            best = (rank(result), l2, fold(head, mean, std))
     return Choice(best[2], best[1], grid)
+
+
+def grid_heads(rows: Rows, num_classes: int) -> Iterator[tuple[float, nn.Linear]]:
+    """(L2, head) for each L2 in L2_GRID, strong to weak, each head warm-started from the last."""
+    head = None
+    for l2 in L2_GRID:
+        head = train_head(rows, num_classes, l2, head)
+        yield l2, head
+
+
+def rank(result: dict) -> tuple[float, float]:
+    """How heads compare on val: top-1, then loss."""
+    return result["top1"], -result["loss"]
 
 
 def fold(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
