@@ -21,6 +21,9 @@ and a paired comparison says whether that is more than chance: best.pt and the p
 from each predict every val and test image (`trainer predict`), and on the images only one of them
 gets right, val_won/val_lost (test_won/test_lost) count those the fine-tune wins and loses; val_p
 (test_p) is McNemar's exact two-sided p-value, the chance of a split that uneven if neither were better.
+The first epoch of learning gets the same paired comparison with its start (fit runs with --save-epochs;
+epoch1_val_won/lost/p, epoch1_test_won/lost/p): on val it says whether a dip there is more than chance,
+and on test, which chose nothing, whether that epoch is worse than its start on images nobody selected on.
 
 Accuracy is deterministic for a seed on one machine; wall time and images/s move with the machine.
 A seed is one draw of the training noise (the order of the batches, the crops, the flips; `trainer fit
@@ -50,7 +53,8 @@ from benchmarks.common import CACHE, emit, real_data, tool
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
 COLUMNS = ["name", "seed", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
            "gain_images", "val_won", "val_lost", "val_p", "test_won", "test_lost", "test_p", "start_val",
-           "unfrozen_val", "epoch1_images", "fit_minutes", "img_s", "probe_seconds"]
+           "unfrozen_val", "epoch1_images", "epoch1_val_won", "epoch1_val_lost", "epoch1_val_p", "epoch1_test_won",
+           "epoch1_test_lost", "epoch1_test_p", "fit_minutes", "img_s", "probe_seconds"]
 
 
 def pack_args(name: str, real: Path) -> list[str]:
@@ -86,7 +90,7 @@ def run_probe(data: Path, out: Path) -> tuple[dict[str, Any], float]:
 
 def run_fit(data: Path, out: Path, fit_args: list[str]) -> tuple[list[dict[str, str]], dict[str, Any], float]:
     start = time.perf_counter()
-    subprocess.run([tool("trainer"), "fit", str(data), str(out), *fit_args, "--overwrite"], check=True,
+    subprocess.run([tool("trainer"), "fit", str(data), str(out), *fit_args, "--save-epochs", "--overwrite"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     with open(out / "metrics.csv", newline="") as file:
@@ -113,16 +117,22 @@ def mcnemar(fit: dict[str, bool], start: dict[str, bool]) -> tuple[int, int, flo
     return won, lost, round(min(1.0, 2 * tail), 4)
 
 
-def paired(data: Path, run: Path, splits: dict[str, str]) -> dict[str, Any]:
-    """best.pt against the probe head RUN started from (RUN/probe/probe.pt), per split role (val, test);
-    nothing when the fit started from no probe (--head-init random in --fit-args)."""
+def paired(data: Path, run: Path, splits: dict[str, str], frozen: int) -> dict[str, Any]:
+    """Per split role (val, test): best.pt, and the first epoch of learning (RUN/epoch-N.pt), each against its
+    start: the probe head RUN started from (RUN/probe/probe.pt), else the last frozen epoch's weights. Nothing
+    for best.pt when the fit started from no probe (--head-init random in --fit-args)."""
     out: dict[str, Any] = {}
-    if not (run / "probe" / "probe.pt").is_file():
-        return out
+    probe = run / "probe" / "probe.pt"
+    before = run / f"epoch-{frozen}.pt" if frozen else probe
     for role, split in splits.items():
-        fit = right_by_key(run / "best.pt", data, split, run / f"paired-{role}-fit.csv")
-        start = right_by_key(run / "probe" / "probe.pt", data, split, run / f"paired-{role}-start.csv")
-        out[f"{role}_won"], out[f"{role}_lost"], out[f"{role}_p"] = mcnemar(fit, start)
+        start = right_by_key(before, data, split, run / f"paired-{role}-start.csv") if before.is_file() else None
+        if start is not None and (run / f"epoch-{frozen + 1}.pt").is_file():
+            first = right_by_key(run / f"epoch-{frozen + 1}.pt", data, split, run / f"paired-{role}-epoch1.csv")
+            out[f"epoch1_{role}_won"], out[f"epoch1_{role}_lost"], out[f"epoch1_{role}_p"] = mcnemar(first, start)
+        if probe.is_file():
+            start = start if before == probe else right_by_key(probe, data, split, run / f"paired-{role}-probe.csv")
+            fit = right_by_key(run / "best.pt", data, split, run / f"paired-{role}-fit.csv")
+            out[f"{role}_won"], out[f"{role}_lost"], out[f"{role}_p"] = mcnemar(fit, start)
     return out
 
 
@@ -150,7 +160,7 @@ def measure(name: str, data: Path, probed: tuple[dict[str, Any], float], fit_arg
             "val_images": val_images, "gain_images": round((best - probe["val"]["top1"]) * val_images),
             "start_val": start, "unfrozen_val": unfrozen,
             "epoch1_images": None if start is None or unfrozen is None else round((unfrozen - start) * val_images),
-            **paired(data, run, splits), "fit_minutes": round(seconds / 60, 2),
+            **paired(data, run, splits, frozen), "fit_minutes": round(seconds / 60, 2),
             "img_s": round(train_images * len(rows) / seconds, 1), "probe_seconds": round(probe_seconds, 1),
             "val_by_epoch": val, "fit_args": fit_args}
 

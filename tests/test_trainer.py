@@ -134,6 +134,18 @@ def test_with_an_ema_best_pt_holds_the_average_that_was_validated(data: Path, tm
     assert evaluated["top1"] == pytest.approx(float(logged["val_top1"]))
 
 
+def test_save_epochs_keeps_each_epochs_validated_weights(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer("fit", data, run, "--epochs", "2", "--ema-epochs", "0.25", "--save-epochs", *TINY)
+    logged = list(csv.DictReader(open(run / "metrics.csv")))
+    saved = [torch.load(run / f"epoch-{n}.pt", weights_only=True)["model"] for n in (1, 2)]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    for n, row in zip((1, 2), logged):
+        evaluated = json.loads(trainer("evaluate", run / f"epoch-{n}.pt", data, "--split", "val", "--json").stdout)
+        assert evaluated["top1"] == pytest.approx(float(row["val_top1"]))
+        assert evaluated["loss"] == pytest.approx(float(row["val_loss"]), rel=1e-4)
+
+
 def test_a_resume_that_would_resolve_auto_settings_differently_is_refused(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     trainer("fit", data, run, "--epochs", "1", *TINY)

@@ -51,6 +51,8 @@ HELP = {
     "metric": "val_top1 | val_top5 | val_loss: what best.pt is chosen by.",
     "patience": "Stop after this many epochs without improvement (0: never).",
     "checkpoint_every": "Optimizer steps between mid-epoch saves of last.pt (0: epoch ends only).",
+    "save_epochs": "Also keep each epoch's validated weights as OUT/epoch-N.pt (best.pt's format: evaluate, "
+                   "predict and export take it).",
     "on_corrupt": "fail: stop at a corrupt sample naming shard and key | skip: count it and go on.",
     "norm": "model: normalise with the backbone's mean/std | dataset: with the manifest's.",
     "device": "auto | cpu | cuda | cuda:N.", "seed": "Seed of the data order, augmentation and head init.",

@@ -64,6 +64,7 @@ class FitConfig:
     metric: str = "val_top1"  # what best.pt is chosen by
     patience: int = 0  # early stopping: epochs without improvement; 0 is off
     checkpoint_every: int = 200  # optimizer steps between mid-epoch last.pt; 0: at epoch ends only
+    save_epochs: bool = False  # also keep every epoch's validated weights as OUT/epoch-N.pt
     on_corrupt: str = "fail"  # fail | skip
     norm: str = "model"  # model: the backbone's mean/std | dataset: the manifest's
     device: str = "auto"

@@ -224,16 +224,16 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
 
 
 def save(run: Run, name: str) -> None:
-    """last.pt: the training weights (and the average, to resume it); best.pt: the kept weights."""
+    """last.pt: the training weights (and the average, to resume it); best.pt, epoch-N.pt: the kept weights."""
     if not run.dist.main:
         return
-    weights = run.kept if name == "best.pt" else run.model.module
+    weights = run.model.module if name == "last.pt" else run.kept
     state = {"model": weights.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.amp.scaler.state_dict() if run.amp.scaler else {}, "state": asdict(run.state),
              "rng": rng_state(), "config": run.config.to_dict(), "classes": run.dataset.class_names,
              "class_entries": run.dataset.classes,
              "preprocessing": preprocessing(run.config, run.dataset, run.model)}
-    if run.ema is not None and name != "best.pt":
+    if run.ema is not None and name == "last.pt":
         state["ema"] = run.ema.state_dict()
     save_checkpoint(state, run.out / name)
 
@@ -316,6 +316,8 @@ def run_epoch(run: Run, progress: Callable[[int, Step], None]) -> dict[str, Any]
         row["resumed"] += int(val_resumed)
     state.epoch, state.batch, state.partial = epoch + 1, 0, {}
     judge(run, row)
+    if config.save_epochs:
+        save(run, f"epoch-{epoch + 1}.pt")
     save(run, "last.pt")
     return row
 
