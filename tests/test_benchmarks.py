@@ -138,3 +138,7 @@ def test_probe_grid_marks_the_head_val_chose(tmp_path: Path) -> None:
     assert float(chosen[0]["l2"]) == kept
     assert all(0 < row["val_right"] <= 45 and 0 < row["test_right"] <= 45 for row in rows)
     assert len({row["val_right"] for row in rows}) > 1  # the grid's heads differ: there is something to choose
+    cross = [row for row in rows if row["cv_chosen"]]  # the choice cross-validation on train alone would make
+    assert len(cross) == 1 and cross[0]["cv_right"] == max(row["cv_right"] for row in rows)
+    assert all(0 < row["cv_right"] <= row["train_images"] == 90 for row in rows)
+    assert len({row["cv_right"] for row in rows}) > 1
