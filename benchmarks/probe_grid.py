@@ -52,7 +52,7 @@ def grid_rows(name: str, folder: Path, num_classes: int) -> list[dict[str, Any]]
                     "test_images": len(splits["test"])})
     out[best[1]]["chosen"] = True
     cross = cross_validated(splits["train"], num_classes)
-    for row, (right, loss) in zip(out, cross):
+    for row, (right, _) in zip(out, cross):
         row |= {"cv_chosen": False, "cv_right": right, "train_images": len(splits["train"])}
     out[max(range(len(out)), key=lambda i: (cross[i][0], -cross[i][1]))]["cv_chosen"] = True
     return out
