@@ -39,6 +39,7 @@ from shardtool.classes import Categories, class_entries, hierarchy, known_catego
 from shardtool.config import PackConfig
 from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
+from shardtool.listing import Listing
 from shardtool.manifest import NAME as MANIFEST
 from shardtool.manifest import build_manifest, write_json_atomic
 from shardtool.order import MIX_PARTITIONS, order_rng, ordered, ordered_partitions, permute_groups
@@ -71,16 +72,18 @@ class Scan:
     labels: set[str]
     total: int
     groups_by_label: dict[str, array[float]]  # unit hashes of each class's groups (only with --stratify)
+    listing: Listing  # what the plan is made from: a resume needs the same (listing.py)
 
 
-def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool, workers: Workers) -> Scan:
-    """One cheap pass over the reader (no image bytes): labels, count, and groups for stratifying.
+def scan(reader: Reader, categories: Categories | None, seed: int, stratify: bool, workers: Workers,
+         listing: Listing) -> Scan:
+    """One cheap pass over the reader (no image bytes): labels, count, groups for stratifying, listing.
 
     With --stratify this keeps 8 bytes per group (a Cdiscount product); without, memory is flat.
     """
-    found = Scan(set(), 0, {})
+    found = Scan(set(), 0, {}, listing)
     last: tuple[str, str] | None = None
-    for label, group, count in _labels(reader, workers):
+    for label, group, count in _labels(reader, workers, listing):
         found.total += count
         if label is None:
             continue
@@ -93,15 +96,24 @@ def scan(reader: Reader, categories: Categories | None, seed: int, stratify: boo
     return found
 
 
-def _labels(reader: Reader, workers: Workers) -> Iterator[tuple[str | None, str, int]]:
-    """(label, group, items) from the reader's own cheap scan if it has one, else from its items."""
+def _labels(reader: Reader, workers: Workers, listing: Listing) -> Iterator[tuple[str | None, str, int]]:
+    """(label, group, items) from the reader's own cheap scan if it has one, else from its items; each
+    also goes into the listing."""
     if hasattr(reader, "partitions"):
         scan_some = partial(scan_partitions, reader=reader)
         in_workers = _scan_in_workers(workers, reader.path.stat().st_size)
-        yield from ordered_map(scan_some, reader.partitions(), workers if in_workers else Workers(0), 4)
+        for entry in ordered_map(scan_some, reader.partitions(), workers if in_workers else Workers(0), 4):
+            listing.add_entries(*entry)
+            yield entry
         return
     for item in reader:
+        listing.add_item(item)
         yield (item.label, item.group, 1) if isinstance(item, Sample) else (None, "", 1)
+
+
+def source_files(config: PackConfig, fmt: str) -> list[str | None]:
+    """The files a plan reads besides the images: a CSV or dump, its --join CSV, --categories."""
+    return [None if fmt == "folder" else config.source, config.csv.join, config.categories]
 
 
 def worker_count(requested: int | None, backend: str) -> int | None:
@@ -121,8 +133,9 @@ def executor(config: PackConfig, backend: str) -> Any:
     return Workers(worker_count(config.workers, backend))
 
 
-def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
-    """Refuse an OUT that holds something else; clear it on --overwrite; resume a matching run."""
+def prepare_out(config: PackConfig, identity: dict[str, Any], listing: dict[str, Any]) -> Journal:
+    """Refuse an OUT that holds something else, or a run over a source that has changed since; clear it
+    on --overwrite; resume a matching run (same options, same listing: listing.py)."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"OUT {out} is a file; pass a folder")
@@ -130,19 +143,29 @@ def prepare_out(config: PackConfig, identity: dict[str, Any]) -> Journal:
     ours = [p for p in out.iterdir() if _OURS.fullmatch(p.name)]
     foreign = [p for p in out.iterdir() if not _OURS.fullmatch(p.name)]
     journal = Journal(out)
-    previous = journal.identity()
-    if ours and (config.overwrite or previous != identity):
+    previous = journal.identity() or {}
+    before = previous.pop("listing", None)
+    if ours and (config.overwrite or previous != identity or before != listing):
         if not config.overwrite:
-            raise ConfigError(f"OUT {out} already holds a different dataset (other source or options); "
-                              "pass --overwrite to replace it, or choose another OUT")
+            raise ConfigError(_refusal(out, previous == identity, before, listing))
         for path in ours:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         journal = Journal(out)
     if foreign and not ours:
         raise ConfigError(f"OUT {out} is not empty and is not a shardtool output ({foreign[0].name}, ...); "
                           "choose an empty or new folder")
-    journal.start(identity)
+    journal.start(identity | {"listing": listing})
     return journal
+
+
+def _refusal(out: Path, same_options: bool, before: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    if not same_options or before is None:
+        return (f"OUT {out} already holds a different dataset (other source or options); "
+                "pass --overwrite to replace it, or choose another OUT")
+    change = (f"{before['inputs']:,} inputs then, {now['inputs']:,} now" if before["inputs"] != now["inputs"]
+              else "files added, removed, renamed or modified")
+    return (f"SOURCE changed since OUT {out} was packed from it ({change}): resuming would pack some images "
+            "twice and miss others; pass --overwrite to pack it anew, or choose another OUT")
 
 
 def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
@@ -164,12 +187,13 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     if publisher is not None:
         publisher.prepare()
     with executor(config, backend) as workers:  # one pool for the scan and the encoding
-        found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers)
+        listing = Listing(*source_files(config, fmt))
+        found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers, listing)
         if not found.labels and reader.labelled:
             raise ConfigError(f"{config.source} holds no labelled images")
         classes = class_entries(found.labels, reader.label_sep, categories)
         tree = hierarchy(classes, categories)
-        journal = prepare_out(config, identity)
+        journal = prepare_out(config, identity, found.listing.identity())
         splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
         spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
         index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}

@@ -32,7 +32,7 @@ class Reader(Protocol, Iterable[Item]):
 
 
 READERS: dict[str, Callable[[PackConfig], Any]] = {
-    "folder": lambda config: FolderReader(config.source),
+    "folder": lambda config: FolderReader(config.source, exclude=config.out),
     "csv": lambda config: CsvReader(config.source, config.csv),
     "pixels": lambda config: PixelReader(config.source, config.csv),
     "bson": lambda config: BsonReader(config.source),

@@ -17,15 +17,18 @@ class FolderReader:
 
     Every folder is read at most once. A symlinked folder is followed when it leads outside SOURCE to a
     folder not read yet; one that leads back into SOURCE, to SOURCE or around it, or to a folder already
-    read is not followed and is listed under `ignored`, so the tree is never packed twice.
+    read is not followed and is listed under `ignored`, so the tree is never packed twice. The pack's
+    own OUT (`exclude`), where it lies inside SOURCE, is never read: a re-run would read the shards of
+    the first as a class.
     """
 
     label_sep = None
     labelled = True
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, exclude: str | None = None) -> None:
         self.root = Path(root)
         self.ignored: list[dict[str, str]] = []
+        self._exclude = Path(exclude).resolve() if exclude else None
         self._read = [self.root.resolve()]  # the real folders read so far: SOURCE and followed symlinks
         top = self._subdirs(self.root)
         self.given_splits = bool(top) and all(p.name.lower() in SPLIT_NAMES for p in top)
@@ -46,6 +49,8 @@ class FolderReader:
                 self._ignore(Path(entry.path), "hidden")
             elif not entry.is_dir():
                 self._ignore(Path(entry.path), "not in a class folder")
+            elif self._is_out(entry):
+                self._ignore(Path(entry.path), "the output folder OUT")
             elif self._follows(entry):
                 dirs.append(Path(entry.path))
         return dirs
@@ -60,10 +65,15 @@ class FolderReader:
                     self._ignore(path, "hidden")
                 elif not entry.is_dir():
                     yield path
+                elif self._is_out(entry):
+                    self._ignore(path, "the output folder OUT")
                 elif self._follows(entry):
                     if path.suffix.lower() in IMAGE_EXTS:
                         self._ignore(path, "folder named like an image")
                     stack.append(path)
+
+    def _is_out(self, entry: os.DirEntry[str]) -> bool:
+        return self._exclude is not None and Path(entry.path).resolve() == self._exclude
 
     def _follows(self, entry: os.DirEntry[str]) -> bool:
         """Whether to read a folder: a real one always, a symlinked one only where nothing is read twice."""
