@@ -449,3 +449,30 @@ def test_ddp_with_a_batch_of_only_corrupt_samples_skips_the_step_on_every_rank(d
     seen = read_keys(out / "keys" / "rank-0.tsv")[0] + read_keys(out / "keys" / "rank-1.tsv")[0]
     assert len(seen) == 118 and key not in seen  # the corrupt sample and the one beside it on the other rank
     assert int(next(csv.DictReader(open(out / "metrics.csv")))["skipped"]) == 2
+
+
+def test_a_diverging_run_stops_with_one_line_and_never_saves_non_finite_weights(data: Path, tmp_path: Path) -> None:
+    """--lr 1e30 (finite, so no option check stops it) sends the weights to ~1e30 and the loss to nan."""
+    run = tmp_path / "run"
+    done = trainer("fit", data, run, "--epochs", "1", "--checkpoint-every", "1", *TINY, "--lr", "1e30", check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: the training loss is nan at batch 2 of the epoch: training stopped and saved nothing of it "
+        "(best.pt and last.pt keep the last finite weights); lower --lr"]
+    assert not (run / "best.pt").exists() and not (run / "summary.json").exists()
+    assert all(torch.isfinite(tensor).all() for tensor in weights(run).values() if tensor.is_floating_point())
+
+
+def test_a_run_that_turns_nan_on_resume_leaves_best_pt_as_it_was(data: Path, one_epoch_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    best = (run / "best.pt").read_bytes()
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["model"] = {name: tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+                      for name, tensor in state["model"].items()}
+    torch.save(state, run / "last.pt")  # as a diverged step would leave the weights
+
+    done = trainer("fit", data, run, "--resume", "--epochs", "2", check=False)
+
+    assert done.returncode == 2 and "the training loss is nan at batch 1" in done.stderr, done.stderr[-2000:]
+    assert (run / "best.pt").read_bytes() == best

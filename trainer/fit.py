@@ -23,7 +23,7 @@ from trainer.config import BACKBONE_WARMUP_STEPS, FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
 from trainer.dataset import Dataset, open_dataset
 from trainer.distributed import Dist, all_sum, any_rank, barrier
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainError
 from trainer.infer import eval_resize
 from trainer.keylog import KeyLog
 from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
@@ -228,6 +228,7 @@ def save(run: Run, name: str) -> None:
     if not run.dist.main:
         return
     weights = run.model.module if name == "last.pt" else run.kept
+    check_finite(weights, name)
     state = {"model": weights.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.amp.scaler.state_dict() if run.amp.scaler else {}, "state": asdict(run.state),
              "rng": rng_state(), "config": run.config.to_dict(), "classes": run.dataset.class_names,
@@ -334,6 +335,15 @@ def wrapped(run: Run, frozen: bool) -> nn.Module:
             model = torch.compile(model)
         run.wrapped = (frozen, model)
     return run.wrapped[1]
+
+
+def check_finite(module: nn.Module, name: str) -> None:
+    """Never write weights that hold nan or inf (a step with a finite loss can still make them: --lr 1e30)
+    over a good checkpoint; one host sync per checkpoint, not per step."""
+    floats = [tensor for tensor in module.state_dict().values() if tensor.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(tensor).all() for tensor in floats]).all()):
+        raise TrainError(f"the weights hold nan or inf: {name} was not written (the one on disk keeps the last "
+                         "finite weights); lower --lr")
 
 
 def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> TrainSums:

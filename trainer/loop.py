@@ -7,6 +7,7 @@ the middle of an epoch reports the same epoch metrics as one that never stopped.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -112,8 +113,12 @@ def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch
         else:
             loss.backward()
             optimizer.step()
-        n = len(batch)
-        sums.loss += loss.item() * n
+        n, value = len(batch), loss.item()
+        if not math.isfinite(value):  # before after_step, which would save the weights this step made
+            raise TrainError(f"the training loss is {value} at batch {index + 1} of the epoch: training stopped "
+                             "and saved nothing of it (best.pt and last.pt keep the last finite weights); "
+                             "lower --lr")
+        sums.loss += value * n
         sums.correct += int((logits.argmax(1) == batch.labels).sum())
         sums.seen += n
         sums.seconds += time.perf_counter() - start
