@@ -15,6 +15,7 @@ from rich.table import Table
 from shardtool import __version__
 from shardtool.config import MAX_PIXELS, CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
 from shardtool.errors import ShardtoolError
+from shardtool.readers.common import shown
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
 console = Console(soft_wrap=True, highlight=False)
@@ -27,7 +28,7 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except ShardtoolError as error:
-            err.print(f"[red]error:[/red] {escape(str(error))}")
+            err.print(f"[red]error:[/red] {escape(shown(str(error)))}")  # no raw escape codes from a path
             sys.exit(2)
         except KeyboardInterrupt:
             err.print("interrupted: re-run the same command to resume")

@@ -351,3 +351,20 @@ def test_pillows_bomb_check_is_off_for_our_header_reads_only():
     assert open_header(data.getvalue()).size == (20_000, 20_000)  # we check --max-pixels ourselves, next
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(data.getvalue()))  # and the guard is back for everyone else
+
+
+def test_file_names_with_terminal_escape_codes_are_never_printed_raw(tmp_path, cli):
+    """A name holding ESC [ 2 J (clear the screen) or a bell is spelled out, in the report, the manifest and errors."""
+    source = class_folders(tmp_path / "src", {"cat": 3, "dog": 3})
+    (source / "cat" / "evil\x1b[2J\x07.jpg").write_bytes(b"not a jpeg")
+    (source / "dog" / "notes\x1b[31m.txt").write_text("x")
+
+    result = cli("pack", source, tmp_path / "out", "--workers", "0", "--max-skip-fraction", "1")
+    missing = cli("pack", tmp_path / "gone\x1b[2J", tmp_path / "out2")
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    sources = {json.loads(line)["source"] for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()}
+    assert sources == {"cat/evil\\x1b[2J\\x07.jpg", "dog/notes\\x1b[31m.txt"}
+    assert "\x1b" not in (tmp_path / "out" / "dataset.json").read_text()
+    assert "\x1b" not in missing.output and "gone\\x1b[2J" in assert_config_error(missing)

@@ -82,6 +82,16 @@ def test_truncated_and_corrupt_jpegs_and_a_decompression_bomb_are_refused(shapes
     assert caught.value.reason == "too_many_pixels"
 
 
+def test_predict_never_prints_a_file_name_s_escape_codes_raw(shapes_model, tmp_path: Path) -> None:
+    good = tmp_path / "red\x1b[31m.jpg"
+    good.write_bytes(next((shapes_model.source / "circle").glob("*.jpg")).read_bytes())
+    broken = tmp_path / "clear\x1b[2J.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    done = trainer("predict", shapes_model.ckpt, good, broken)
+    assert done.returncode == 1 and "\x1b" not in done.stdout + done.stderr, done.stderr
+    assert "red\\x1b[31m.jpg" in done.stdout and "clear\\x1b[2J.jpg" in " ".join(done.stderr.split())
+
+
 def test_predict_on_files_folders_and_globs_with_errors_per_file(shapes_model, tmp_path: Path) -> None:
     source = shapes_model.source
     broken = tmp_path / "broken.jpg"

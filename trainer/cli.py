@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shardtool.errors import ShardtoolError
+from shardtool.readers.common import shown
 from trainer import __version__
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
@@ -92,7 +93,7 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except ShardtoolError as error:
-            err.print(f"[red]error:[/red] {escape(str(error))}")
+            err.print(f"[red]error:[/red] {escape(shown(str(error)))}")  # no raw escape codes from a path
             sys.exit(2)
         except KeyboardInterrupt:
             err.print("interrupted: `trainer fit ... --resume` continues from the last checkpoint")
@@ -306,9 +307,9 @@ def render_results(results: Any) -> list[Any]:
         done.append(result)
         if result.ok:
             labels = "  ".join(f"{label.label} {label.prob:.1%}" for label in result.top)
-            console.print(f"{result.source}  {labels}", markup=False)
-        else:
-            err.print(f"{escape(result.source)}  [red]error:[/red] {escape(result.error)}")
+            console.print(f"{shown(result.source)}  {labels}", markup=False)
+        else:  # a file's name may hold a terminal escape code: shown() spells it out
+            err.print(f"{escape(shown(result.source))}  [red]error:[/red] {escape(shown(result.error))}")
     return done
 
 

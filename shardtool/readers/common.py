@@ -31,5 +31,7 @@ def has_control(text: str) -> bool:
 
 
 def shown(path: str | os.PathLike[str]) -> str:
-    """A path as text that is always printable and JSON-safe, even with undecodable bytes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text that is always printable and JSON-safe, even with undecodable bytes or control
+    characters in it (a file named with a terminal escape code is shown as `\\x1b[31m`, never sent raw)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
