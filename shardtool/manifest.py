@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardtool.atomic import replacing
 from shardtool.errors import ConfigError
 
 NAME = "dataset.json"
@@ -171,9 +172,8 @@ def split_order(item: tuple[str, Any]) -> tuple[int, str]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """PATH gets TEXT whole or not at all (tmp file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

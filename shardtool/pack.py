@@ -300,14 +300,14 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
     manifest = build_manifest(journal.records(), classes, source, options, ignored, __version__)
     if tree:
         manifest = {**manifest, "hierarchy": tree}
+    for stale in out.glob("*.tmp"):  # also when the ceiling below stops the run
+        stale.unlink()
     report = manifest["report"]
     if report["seen"] and report["skipped"] > config.max_skip_fraction * report["seen"]:
         top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items())
         raise PackError(f"{report['skipped']} of {report['seen']} inputs were skipped ({top}), over "
                         f"--max-skip-fraction {config.max_skip_fraction}: see {out / 'rejects.jsonl'}; "
                         "re-run with a higher --max-skip-fraction to accept (written shards are kept)")
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
     journal.drop_spool()
     sidecars = write_sidecars(out, manifest)
     write_json_atomic(out / MANIFEST, manifest)

@@ -170,3 +170,30 @@ def test_fit_starts_its_head_from_the_probe(data: Path, tmp_path: Path) -> None:
                   on_epoch=random_rows.append)
     assert "probe" not in summary and not (tmp_path / "random" / "probe").exists()
     assert random_rows[0]["val_top1"] < 0.75  # a random head, not moved: no better than guessing
+
+
+def test_a_probe_stopped_by_a_corrupt_sample_leaves_no_half_written_feature_files(data: Path, tmp_path: Path) -> None:
+    from tests.test_trainer import corrupt_copy
+    from trainer.errors import TrainError
+
+    last = sorted(data.glob("train-*.tar"))[-1].name  # the features of the shards before it are written by then
+    key = corrupt_copy(data, tmp_path / "bad", last)
+    with pytest.raises(TrainError, match=key):
+        run(tmp_path / "bad", tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_an_export_that_fails_midway_leaves_no_tmp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import export as exporting
+
+    result = run_cli("pack", make_shapes(tmp_path / "src", per_class=4, size=32), tmp_path / "shards", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    ckpt = tmp_path / "probe.pt"
+    run(tmp_path / "shards", tmp_path / "cache", save=str(ckpt))
+    def unloadable(path: Path) -> None:
+        raise RuntimeError("the written model cannot be loaded back")  # as a full disk or a runtime bug would
+
+    monkeypatch.setattr(exporting, "torchscript_runner", unloadable)
+    with pytest.raises(RuntimeError, match="cannot be loaded back"):
+        exporting.export(str(ckpt), tmp_path / "model.pt", "torchscript")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["probe.pt"]

@@ -367,10 +367,10 @@ def test_bad_input_gets_one_line(case: str, data: Path, one_epoch_run: Path, tmp
     assert expected in lines[0]
 
 
-def corrupt_copy(data: Path, dest: Path) -> str:
-    """DATA with one training JPEG replaced by garbage (same member size, so offsets stay valid); its key."""
+def corrupt_copy(data: Path, dest: Path, name: str = "train-000000.tar") -> str:
+    """DATA with one JPEG of shard NAME replaced by garbage (same member size, so offsets stay valid); its key."""
     shutil.copytree(data, dest)
-    shard = dest / "train-000000.tar"
+    shard = dest / name
     with tarfile.open(shard) as tar:
         member = next(m for m in tar if m.name.endswith(".jpg"))
     raw = bytearray(shard.read_bytes())

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from shardtool.atomic import replacing
 from trainer.errors import ConfigError
 
 FORMAT = "trainer-checkpoint/1"
@@ -25,12 +26,10 @@ REFUSED = "is not a trainer checkpoint, or not one this version can load safely;
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file, fsync, then os.replace: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

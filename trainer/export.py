@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import platform
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shardtool.atomic import replacing
 from trainer.errors import ConfigError
 from trainer.infer import Classifier
 
@@ -57,15 +57,14 @@ def export(ckpt: str, out: Path, fmt: str, *, data: str = "", split: str = "test
     size = classifier.preprocessing.image_size
     example = torch.randn(2, 3, size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp" + FORMATS[fmt])
-    (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
-    run = (onnx_runner if fmt == "onnx" else torchscript_runner)(tmp)
-    parity = check_parity(module, run, batches(classifier, data, split, batch_size, progress))
-    if parity["top1_equal"] != parity["images"] or parity["max_prob_diff"] > TOLERANCE:
-        tmp.unlink()
-        raise ConfigError(f"the exported model differs from the checkpoint: top-1 equal for {parity['top1_equal']} "
-                          f"of {parity['images']} images, max probability difference {parity['max_prob_diff']:.2e}")
-    os.replace(tmp, out)
+    with replacing(out, out.with_name(out.name + ".tmp" + FORMATS[fmt])) as tmp:  # removed if anything fails
+        (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
+        run = (onnx_runner if fmt == "onnx" else torchscript_runner)(tmp)
+        parity = check_parity(module, run, batches(classifier, data, split, batch_size, progress))
+        if parity["top1_equal"] != parity["images"] or parity["max_prob_diff"] > TOLERANCE:
+            raise ConfigError(f"the exported model differs from the checkpoint: top-1 equal for "
+                              f"{parity['top1_equal']} of {parity['images']} images, max probability difference "
+                              f"{parity['max_prob_diff']:.2e}")
     sidecar = describe(classifier, out, fmt, parity | {"data": data, "split": split if data else ""})
     sidecar_path(out).write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
     return sidecar | {"path": str(out), "sidecar": str(sidecar_path(out))}

@@ -103,10 +103,14 @@ def extract_split(model: Model, loader: Loader, amp: Amp, folder: Path, role: st
             files[1][row:row + len(features)] = batch.labels.cpu().numpy()
             row += len(features)
             progress(role, row, total)
+        if row != total or files is None:
+            raise TrainError(f"{role}: the loader gave {row} samples, the manifest lists {total}")
+    except BaseException:  # a corrupt sample, Ctrl-C: no half-written feature files (as large as the split) stay
+        for name in ("features", "labels"):
+            (folder / f".{role}.{name}.npy.tmp").unlink(missing_ok=True)
+        raise
     finally:
         hook.remove()
-    if row != total or files is None:
-        raise TrainError(f"{role}: the loader gave {row} samples, the manifest lists {total}")
     for name, array in zip(("features", "labels"), files):
         array.flush()
         os.replace(folder / f".{role}.{name}.npy.tmp", folder / f"{role}.{name}.npy")
