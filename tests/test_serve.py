@@ -188,3 +188,35 @@ def test_a_person_uploads_a_clothing_photo_in_chromium(clothing_model, real_data
     assert probs[0] == f"{api[0]['prob'] * 100:.1f}%"
     assert shown > 0  # the picture itself is on the page
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(shapes_model) -> None:
+    """Slowloris: half a request, then a byte now and then; the connection is closed at --header-timeout,
+    and a well-behaved client is answered meanwhile and after."""
+    import socket
+    import time
+    import urllib.parse
+    import urllib.request
+
+    with serving(shapes_model.ckpt, "--header-timeout", "1") as url:
+        address = urllib.parse.urlsplit(url)
+        slow = socket.create_connection((address.hostname, address.port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 6:
+            try:
+                slow.sendall(b"X")  # a byte every 0.3 s resets uvicorn's own keep-alive timer
+                if slow.recv(1, socket.MSG_DONTWAIT) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.3)
+        slow.close()
+        assert closed and time.monotonic() - start < 3
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            assert response.status == 200

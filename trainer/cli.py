@@ -368,19 +368,22 @@ class BatchProgress(Bars):
               help="How long the first request of a batch waits for others.")
 @click.option("--max-upload-mb", default=20.0, show_default=True, help="Bigger uploads get 413.")
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1, max=3600),
+              help="Seconds a client has to send a request's headers; then its connection is closed (slowloris).")
 def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, max_upload_mb: float,
-          device: str) -> None:
+          device: str, header_timeout: float) -> None:
     """Serve MODEL (a checkpoint, or an ONNX file from trainer export) over HTTP: the upload page at /,
     POST /predict (multipart file or raw bytes, ?k=5), GET /health and /info."""
     import uvicorn
 
     from trainer.infer import Classifier
     from trainer.serve.app import ServeConfig, create_app
+    from trainer.serve.protocol import with_header_timeout
 
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_bytes=int(max_upload_mb * 1e6))
     app = create_app(Classifier.load(model, device), config)
     err.print(f"serving {model} at http://{host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", http=with_header_timeout(header_timeout))
 
 
 @main.command(cls=Command)
