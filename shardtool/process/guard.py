@@ -55,7 +55,7 @@ class Limits:
 
 def max_file_bytes(max_pixels: int) -> int:
     """The byte cap: no image within max_pixels needs more than 8 bytes a pixel plus 16 MiB of metadata
-    (732 MB at the default --max-pixels); a bigger file is not read, whatever its name says."""
+    (733 MB at the default --max-pixels); a bigger file is not read, whatever its name says."""
     return BYTES_PER_PIXEL * max_pixels + METADATA_BYTES
 
 
