@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ class Resize:
 
     def __str__(self) -> str:
         return self.mode if self.mode == "none" else f"{self.mode}:{self.size}"
+
+    @property
+    def fewest_pixels(self) -> int:
+        """The fewest pixels any output has: N x N for shorter, fit, pad and squash (longer:N may be N x 1)."""
+        return self.size * self.size if self.mode in ("shorter", "fit", "pad", "squash") else 0
 
 
 def parse_resize(text: str) -> Resize:
@@ -150,7 +156,17 @@ class PackConfig:
             raise ConfigError("--join and --join-on go together, e.g. --join Products.csv --join-on product_id=id")
         if self.csv.label_level is not None and self.csv.label_level < 1:
             raise ConfigError("--label-level counts from 1 (the top of the category path)")
+        self._check_limits()
         return self
+
+    def _check_limits(self) -> None:
+        """A --resize whose every output is over --max-pixels is refused here, not image by image."""
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels {self.max_pixels} must be positive")
+        if self.resize.fewest_pixels > self.max_pixels:
+            raise ConfigError(f"--resize {self.resize} makes every image at least {self.resize.size}x{self.resize.size} "
+                              f"pixels, over --max-pixels {self.max_pixels}: use N up to {math.isqrt(self.max_pixels)} "
+                              "or raise --max-pixels")
 
     def identity(self) -> dict[str, Any]:
         """What decides the shard bytes: a re-run with the same identity resumes, another is refused."""

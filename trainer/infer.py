@@ -19,24 +19,27 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from shardtool.config import MAX_PIXELS
-from shardtool.process.checks import FORMATS, open_header
+from shardtool.process import guard
+from shardtool.process.guard import Limits, Reject
 from shardtool.process.pil import orientation, to_rgb
 from shardtool.readers.common import IMAGE_EXTS
 from trainer.errors import ConfigError
 
 ImageInput = Union[bytes, str, os.PathLike, Image.Image]
+T = TypeVar("T")
 
 
 class BadImage(ValueError):
-    """An input that is not a usable image; `reason` is stable (empty, not_an_image, unsupported_format,
-    corrupt_image, too_many_pixels, unreadable_file), the message says what was wrong in one line."""
+    """An input that is not a usable image; `reason` is stable (empty, or one of the guard's: not_an_image,
+    unsupported_format, corrupt_image, too_many_pixels, resize_too_large, file_too_large, missing_file,
+    not_a_regular_file, unreadable_file), the message says what was wrong in one line."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -90,38 +93,44 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, inverse_std: torch.Tenso
     return images.contiguous(memory_format=torch.channels_last).float().sub_(mean).mul_(inverse_std)
 
 
-def read_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Any input -> uint8 3 x H x W, upright RGB, exactly as `shardtool pack` reads a source image."""
+def read_image(image: ImageInput, max_pixels: int = MAX_PIXELS,
+               preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """Any input -> uint8 3 x H x W, upright RGB, exactly as `shardtool pack` reads a source image, through
+    the same guard (shardtool/process/guard.py). With PREPROCESSING, its eval resize is checked against
+    MAX_PIXELS from the header, before the image is decoded."""
+    limits = Limits(max_pixels, "the limit of")
     if isinstance(image, Image.Image):
+        _check_eval_resize(image.size, preprocessing, limits)
         return _tensor(image)
-    data = image if isinstance(image, bytes) else _read_file(Path(image))
+    data = image if isinstance(image, bytes) else _accepted(guard.read_file(os.fspath(image), limits))
     if not data:
         raise BadImage("empty", "empty file (0 bytes)")
-    try:
-        opened = open_header(data)
-    except UnidentifiedImageError:
-        raise BadImage("not_an_image", f"not an image: {len(data):,} bytes that no image decoder recognises") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadImage("corrupt_image", f"corrupt image header: {error}") from None
-    if opened.format not in FORMATS:
-        raise BadImage("unsupported_format", f"{opened.format} images are not supported "
-                                             f"(use one of {', '.join(sorted(FORMATS))})")
-    if opened.width * opened.height > max_pixels:
-        raise BadImage("too_many_pixels", f"{opened.width}x{opened.height} pixels is over the limit of {max_pixels:,}")
-    try:
-        opened.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImage("corrupt_image", f"corrupt or truncated image: {error}") from None
-    return _tensor(opened)
+    opened = _accepted(guard.open_image(data, limits))
+    _check_eval_resize(opened.size, preprocessing, limits)
+    return _tensor(_accepted(guard.decode(opened)))
 
 
-def _read_file(path: Path) -> bytes:
-    if not path.is_file():
-        raise BadImage("unreadable_file", f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise BadImage("unreadable_file", f"{path}: {error.strerror}") from None
+def eval_resized(size: tuple[int, int], resize_shorter: int) -> tuple[int, int]:
+    """The size eval_crop's resize makes of a width x height image, by torchvision's rule (before the crop)."""
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resize_shorter * long / short)
+    return (resize_shorter, new_long) if width <= height else (new_long, resize_shorter)
+
+
+def _check_eval_resize(size: tuple[int, int], pre: Preprocessing | None, limits: Limits) -> None:
+    if pre is None:
+        return
+    what = f"the eval resize (shorter side to {pre.resize_shorter}) of this {size[0]}x{size[1]} image"
+    if rejected := guard.check_planned([(what, eval_resized(size, pre.resize_shorter))], limits):
+        _accepted(rejected)
+
+
+def _accepted(value: T | Reject) -> T:
+    """VALUE, or the guard's Reject raised as BadImage: the message is the reason in words, then the detail."""
+    if isinstance(value, Reject):
+        raise BadImage(value.reason, f"{value.reason.replace('_', ' ')}: {value.detail}")
+    return value
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
@@ -207,7 +216,7 @@ class Classifier:
 
     def prepare(self, image: ImageInput, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
         """uint8 3 x S x S, ready to stack into a batch; raises BadImage."""
-        return self.preprocessing.crop(read_image(image, max_pixels))
+        return self.preprocessing.crop(read_image(image, max_pixels, self.preprocessing))
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The DALI processor: pil.process_batch's contract (items in, encoded Sample | Skip out, in order), with
 decoding and resizing done by DALI, the decoder family the trainer's DALI loader uses.
 
-    item -> load_bytes, open_image (PIL parses the header only: exists, an image, not a bomb) -> Skip | job
+    item -> load_bytes, open_image, planned (guard.py: exists within the byte cap, an image, not a bomb,
+            the planned resize within --max-pixels; PIL parses the header only) -> Skip | job
          -> DALI gets what its decoder turns into the same RGB as pil.to_rgb (_dali_decodes); the rest
             (alpha, palettes, GIF, raw pixel rows, ...) goes through pil.process unchanged
     jobs -> one pipeline run per batch of 32, one definition, the device is a switch:
@@ -35,7 +36,7 @@ from PIL import Image
 
 from shardtool.errors import ConfigError, PackError
 from shardtool.process import pil
-from shardtool.process.checks import load_bytes, open_image
+from shardtool.process.checks import load_bytes, open_image, planned
 from shardtool.process.geometry import Plan, plan
 from shardtool.sample import Item, Sample, Skip
 
@@ -110,7 +111,7 @@ def _screen(item: Item, spec: pil.OutputSpec) -> Item | _Job:
     """The cheap checks of the PIL path; a Skip, a finished Sample, or a job for DALI."""
     if isinstance(item, Skip) or item.raw_shape is not None:
         return pil.process(item, spec)
-    data = load_bytes(item)
+    data = load_bytes(item, spec.max_pixels)
     if isinstance(data, Skip):
         return data
     if spec.verify == "header" and (copied := pil.jpeg_header_copy(item, data, spec)):
@@ -118,6 +119,8 @@ def _screen(item: Item, spec: pil.OutputSpec) -> Item | _Job:
     image = open_image(item, data, spec.max_pixels)
     if isinstance(image, Skip):
         return image
+    if isinstance(checked := planned(item, image.size, spec.resize, spec.max_pixels), Skip):
+        return checked  # fn.resize would allocate it: the same check as the PIL path's, before DALI sees it
     if spec.verify == "header" and pil.conforms(image, data, spec):
         return item.with_(data=data, path=None, ext=spec.encode,
                           meta={**item.meta, "width": image.width, "height": image.height})

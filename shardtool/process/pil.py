@@ -15,8 +15,9 @@ import simplejpeg
 from PIL import Image, ImageOps, ImageStat
 
 from shardtool.config import Resize
-from shardtool.process.checks import load_bytes, open_header, open_image
+from shardtool.process.checks import decode, load_bytes, open_header, open_image, planned
 from shardtool.process.geometry import Plan, plan
+from shardtool.process.guard import Reject, guarded
 from shardtool.sample import Item, Sample, Skip
 
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
@@ -36,25 +37,21 @@ class OutputSpec:
 def process(item: Item, spec: OutputSpec) -> Item:
     if isinstance(item, Skip):
         return item
-    data = load_bytes(item)
+    data = load_bytes(item, spec.max_pixels)
     if isinstance(data, Skip):
         return data
     if spec.verify == "header" and item.raw_shape is None and (copied := jpeg_header_copy(item, data, spec)):
         return copied
     if item.raw_shape is not None:
+        height, width = item.raw_shape[:2]
+        if isinstance(checked := planned(item, (width, height), spec.resize, spec.max_pixels), Skip):
+            return checked
         image, source_format = Image.fromarray(_raw_array(data, item.raw_shape)), None
     else:
-        opened = open_image(item, data, spec.max_pixels)
-        if isinstance(opened, Skip):
+        opened = _open_checked(item, data, spec)
+        if not isinstance(opened, Image.Image):
             return opened
         image, source_format = opened, opened.format
-        if spec.verify == "header" and conforms(image, data, spec):
-            return item.with_(data=data, path=None, ext=spec.encode,
-                              meta={**item.meta, "width": image.width, "height": image.height})
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            return Skip("corrupt_image", item.key, item.source, f"decode: {error}", item.group, item.split)
     upright = orientation(image) in (None, 1)
     rgb = to_rgb(ImageOps.exif_transpose(image) if not upright else image)
     geometry = plan(*rgb.size, spec.resize)
@@ -70,6 +67,20 @@ def process(item: Item, spec: OutputSpec) -> Item:
     meta = {**item.meta, "width": out.width, "height": out.height}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta,
                       stats=(tuple(stat.sum), tuple(stat.sum2), out.width * out.height))
+
+
+def _open_checked(item: Sample, data: bytes, spec: OutputSpec) -> Image.Image | Sample | Skip:
+    """The decoded image once the guard passed it (header, planned resize, pixels), or the input copied
+    as it is (--verify header, already what we write), or a Skip."""
+    opened = open_image(item, data, spec.max_pixels)
+    if isinstance(opened, Skip):
+        return opened
+    if isinstance(checked := planned(item, opened.size, spec.resize, spec.max_pixels), Skip):
+        return checked
+    if spec.verify == "header" and conforms(opened, data, spec):
+        return item.with_(data=data, path=None, ext=spec.encode,
+                          meta={**item.meta, "width": opened.width, "height": opened.height})
+    return decode(item, opened)
 
 
 def jpeg_header_copy(item: Sample, data: bytes, spec: OutputSpec) -> Sample | None:
@@ -123,10 +134,8 @@ def _raw_array(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def orientation(image: Image.Image) -> int | None:
-    try:
-        return image.getexif().get(0x0112)
-    except (OSError, SyntaxError, ValueError):  # a broken EXIF block is not a broken image
-        return None
+    exif = guarded("exif", image.getexif)  # a broken EXIF block is not a broken image
+    return None if isinstance(exif, Reject) else exif.get(0x0112)
 
 
 def has_alpha(image: Image.Image) -> bool:

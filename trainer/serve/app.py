@@ -38,7 +38,8 @@ from trainer.serve.batcher import Batcher
 
 STATIC = Path(__file__).parent / "static"
 STATUS = {"empty": 400, "not_an_image": 415, "unsupported_format": 415, "corrupt_image": 422,
-          "too_many_pixels": 422, "unreadable_file": 400}
+          "too_many_pixels": 422, "resize_too_large": 422, "file_too_large": 413, "unreadable_file": 400,
+          "missing_file": 400, "not_a_regular_file": 400}
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()) -> F
         try:
             image = await run_in_threadpool(classifier.prepare, data, config.max_pixels)
         except BadImage as error:
-            return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=STATUS[error.reason])
+            return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=STATUS.get(error.reason, 422))
         probs = await batcher.submit(image)
         top = [asdict(label) for label in classifier.top(probs, k)]
         return JSONResponse({"top": top, "model": classifier.model_name, "checkpoint_sha256": classifier.sha256})
