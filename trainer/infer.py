@@ -23,12 +23,12 @@ from typing import Any, TypeVar, Union
 
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from shardtool.config import MAX_PIXELS
 from shardtool.process import guard
 from shardtool.process.guard import Limits, Reject
-from shardtool.process.pil import orientation, to_rgb
+from shardtool.process.pil import orientation, upright_rgb
 from shardtool.readers.common import IMAGE_EXTS
 from trainer.errors import ConfigError
 
@@ -134,8 +134,7 @@ def _accepted(value: T | Reject) -> T:
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
-    upright = image if orientation(image) in (None, 1) else ImageOps.exif_transpose(image)
-    return F.pil_to_tensor(to_rgb(upright))
+    return F.pil_to_tensor(_accepted(upright_rgb(image, orientation(image) in (None, 1))))
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,9 @@ def process(item: Item, spec: OutputSpec) -> Item:
             return opened
         image, source_format = opened, opened.format
     upright = orientation(image) in (None, 1)
-    rgb = to_rgb(ImageOps.exif_transpose(image) if not upright else image)
+    rgb = upright_rgb(image, upright)
+    if isinstance(rgb, Reject):
+        return Skip(rgb.reason, item.key, item.source, rgb.detail, item.group, item.split)
     geometry = plan(*rgb.size, spec.resize)
     out = rgb if geometry.identity else apply(rgb, geometry)
     keep = (source_format in ("JPEG", "MPO") and spec.encode == "jpg" or source_format == "PNG" and spec.encode == "png")
@@ -140,6 +142,12 @@ def orientation(image: Image.Image) -> int | None:
 
 def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def upright_rgb(image: Image.Image, upright: bool) -> Image.Image | Reject:
+    """The decoded image turned by its EXIF orientation and made RGB; hostile EXIF or mode data (a rotation
+    tag of the wrong type, a palette that is too short) is a Reject, like hostile pixels."""
+    return guarded("convert", lambda: to_rgb(image if upright else ImageOps.exif_transpose(image)))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
