@@ -220,3 +220,26 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off(shapes_model) -> No
         assert closed and time.monotonic() - start < 3
         with urllib.request.urlopen(url + "/health", timeout=5) as response:
             assert response.status == 200
+
+
+def test_every_error_body_has_a_detail_line_and_a_reason(server) -> None:
+    boundary = "XyZ"
+    cases = {
+        "unknown route": (httpx.get(f"{server}/nope"), 404, "not_found"),
+        "wrong method": (httpx.put(f"{server}/predict", content=b"x"), 405, "method_not_allowed"),
+        "k out of range": (httpx.post(f"{server}/predict?k=0", content=b"x"), 422, "bad_parameter"),
+        "k not a number": (httpx.post(f"{server}/predict?k=abc", content=b"x"), 422, "bad_parameter"),
+        "form without a file": (httpx.post(f"{server}/predict", content=b'--XyZ\r\nContent-Disposition: form-data; '
+                                           b'name="note"\r\n\r\nx\r\n--XyZ--\r\n',
+                                           headers={"content-type": f"multipart/form-data; boundary={boundary}"}),
+                                400, "no_file"),
+        "malformed multipart": (httpx.post(f"{server}/predict", content=b"--XyZ\r\nno headers end",
+                                           headers={"content-type": f"multipart/form-data; boundary={boundary}"}),
+                                400, None),
+    }
+    for name, (response, status, reason) in cases.items():
+        assert response.status_code == status, (name, response.status_code, response.text)
+        body = response.json()
+        assert isinstance(body["detail"], str) and body["detail"] and "\n" not in body["detail"], (name, body)
+        assert isinstance(body["reason"], str) and body["reason"], (name, body)
+        assert reason is None or body["reason"] == reason, (name, body)

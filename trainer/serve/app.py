@@ -15,6 +15,7 @@ big parts to disk) and static files, with OpenAPI docs at /docs for free.
 from __future__ import annotations
 
 import asyncio
+import http
 import platform
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +25,13 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer import __version__
@@ -64,6 +67,8 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()) -> F
 
     app = FastAPI(title="trainer serve", version=__version__, lifespan=lifespan)
     app.add_middleware(LimitUpload, max_bytes=config.max_upload_bytes)
+    app.add_exception_handler(StarletteHTTPException, refused)  # type: ignore[arg-type]  # every 4xx: detail + reason
+    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -109,9 +114,32 @@ async def read_upload(request: Request) -> bytes:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         chosen = form.get("file") if isinstance(form.get("file"), UploadFile) else (files[0] if files else None)
         if chosen is None:
-            raise HTTPException(400, "the form has no file: send the image as a `file` field")
+            raise Refused(400, "the form has no file: send the image as a `file` field", "no_file")
         return await chosen.read()
     return await request.body()
+
+
+class Refused(HTTPException):
+    """An HTTPException with the `reason` every error body carries (README: `{"detail", "reason"}`)."""
+
+    def __init__(self, status: int, detail: str, reason: str) -> None:
+        super().__init__(status, detail)
+        self.reason = reason
+
+
+async def refused(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Ours (Refused), and starlette's own: 404, 405, a malformed multipart body (400)."""
+    reason = getattr(error, "reason", None) or http.HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+    return JSONResponse({"detail": str(error.detail), "reason": reason}, status_code=error.status_code,
+                        headers=getattr(error, "headers", None))
+
+
+async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A query parameter out of range or of the wrong type (?k=0, ?k=abc): one line, not pydantic's list."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}", "reason": "bad_parameter"},
+                        status_code=422)
 
 
 class LimitUpload:
@@ -137,7 +165,7 @@ class LimitUpload:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise HTTPException(413, self.message())
+                raise Refused(413, self.message(), "too_large")
             return message
 
         await self.app(scope, limited, send)
