@@ -34,6 +34,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shardtool.cpus import usable_cpus
 from shardtool.errors import PackError
 
 A = TypeVar("A")
@@ -57,7 +58,7 @@ class Workers:
 
     def __init__(self, count: int | None) -> None:
         self.auto = count is None
-        self.count = (os.cpu_count() or 1) if count is None else count
+        self.count = usable_cpus() if count is None else count
         self._pool: ProcessPoolExecutor | None = None
         self._folder: str | None = None
         self._shipped = 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import multiprocessing
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from shardtool.cpus import usable_cpus
 from shardtool.errors import ConfigError, PackError
 from shardtool.process import pil
 from shardtool.process.checks import load_bytes, open_image, planned
@@ -206,7 +206,7 @@ def _build(backend: str) -> Any:
     gpu = backend == "dali-gpu"
     # In a pack worker process the other cores have workers of their own; in-process, or in the one worker
     # pack starts for dali-gpu, DALI's threads use them.
-    threads = 1 if multiprocessing.parent_process() and not gpu else os.cpu_count() or 1
+    threads = 1 if multiprocessing.parent_process() and not gpu else usable_cpus()
 
     @pipeline_def(batch_size=MAX_BATCH, num_threads=threads, device_id=0 if gpu else None, exec_async=False,
                   exec_pipelined=False, prefetch_queue_depth=1)
