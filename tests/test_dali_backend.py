@@ -220,3 +220,25 @@ def test_parity_on_the_gpu(generated_items):
         message = report(f"generated {resize} png on the GPU", GPU_TOLERANCE, worst, len(generated_items))
         assert worst[0] <= GPU_TOLERANCE, message
     assert json.dumps(dali.choose_backend("auto")) == '"dali-gpu"'
+
+
+class _Recorded(Exception):
+    pass
+
+
+@needs_dali
+def test_the_gpu_decoder_upsamples_chroma_as_the_cpu_decoder_does(monkeypatch):
+    """nvJPEG's default (fast) chroma upsampling differs from libjpeg-turbo's by up to 32/255: the mixed
+    decoder of the GPU pack must be built with jpeg_fancy_upsampling (recorded here, no GPU needed)."""
+    from nvidia.dali import fn
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise _Recorded  # before the pipeline would need a GPU to build
+
+    monkeypatch.setattr(fn.decoders, "image", record)
+    with pytest.raises(_Recorded):
+        dali._build("dali-gpu")
+    assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True

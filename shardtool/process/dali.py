@@ -199,6 +199,13 @@ def _run(pipe: Any, jobs: list[_Job], backend: str) -> list[np.ndarray]:
     return [np.array(images.at(i)) for i in range(len(jobs))]
 
 
+# nvJPEG ("mixed") upsamples chroma the fast way by default, libjpeg-turbo (the CPU decoder, PIL) the fancy
+# (smooth) way: on 4:2:0 JPEGs that differs by up to 32/255 at colour edges (DALI issue #3610; PR #4662
+# added this option to match the CPU path). The CPU decoder accepts and ignores it. Shared with the
+# trainer's DALI loader, so its GPU decode gives the RGB that pack and the torch loader give.
+DECODER = {"jpeg_fancy_upsampling": True}
+
+
 def _build(backend: str) -> Any:
     """The pipeline: encoded bytes + per-sample size, crop anchor and canvas in; uint8 HWC RGB out."""
     from nvidia.dali import fn, pipeline_def, types
@@ -213,7 +220,7 @@ def _build(backend: str) -> Any:
     def resize_pipeline() -> Any:
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
         size, anchor, shape = (fn.external_source(name=name, dtype=types.FLOAT) for name in ("size", "anchor", "shape"))
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **DECODER)
         images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
         return fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False, normalized_shape=False,
                         out_of_bounds_policy="pad", fill_values=0)
