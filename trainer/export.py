@@ -106,8 +106,12 @@ def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> N
 def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """ONNX Runtime on the CPU: normalised batch -> probabilities."""
     import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
+        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
 
     def run(images: torch.Tensor) -> torch.Tensor:
         probs = session.run(["probabilities"], {"input": np.ascontiguousarray(images.float().numpy())})[0]
@@ -131,8 +135,12 @@ def load_onnx(path: Path) -> tuple[dict[str, Any], Callable[[torch.Tensor], torc
         raise ConfigError(f"{path}: needs the file and its sidecar {side.name} (written by trainer export)")
     sidecar = read_sidecar(side)
     import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
+        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(["logits"], {"input": np.ascontiguousarray(images.numpy())})[0])
