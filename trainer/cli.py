@@ -249,10 +249,12 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
                    ".json instead of printing a table.")
 @click.option("--group", is_flag=True, help="Shards: one row per group (product) from averaged probabilities: "
                                             "_id,category_id.")
-@click.option("-k", "--top-k", "k", type=Bounded(Range(int, 1)), default=5, show_default=True, help="Files: labels per image.")
+@click.option("-k", "--top-k", "k", type=Bounded(Range(int, 1)), default=5, show_default=True,
+              help="Files: labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
 @click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Shards: decode processes.")
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True,
+              help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
@@ -365,10 +367,12 @@ class BatchProgress(Bars):
 @click.argument("model", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=Bounded(Range(int, 1, 65535)), default=8000, show_default=True)
-@click.option("--max-batch", type=Bounded(Range(int, 1)), default=16, show_default=True, help="Requests answered by one forward pass at most.")
+@click.option("--max-batch", type=Bounded(Range(int, 1)), default=16, show_default=True,
+              help="Requests answered by one forward pass at most.")
 @click.option("--max-wait-ms", type=Bounded(Range(float, 0, 60_000)), default=5.0, show_default=True,
               help="How long the first request of a batch waits for others.")
-@click.option("--max-upload-mb", type=Bounded(Range(float, 0, low_open=True)), default=20.0, show_default=True, help="Bigger uploads get 413.")
+@click.option("--max-upload-mb", type=Bounded(Range(float, 0, low_open=True)), default=20.0, show_default=True,
+              help="Bigger uploads get 413.")
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
 def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, max_upload_mb: float,
           device: str) -> None:
@@ -397,7 +401,8 @@ def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, 
                    "preprocessing, amp, loader and the shards' sha256 match.")
 @click.option("--save", default="", type=Output(),
               help="Write backbone + head to this checkpoint, for trainer evaluate / predict.")
-@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True, help="Images per batch while extracting.")
+@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True,
+              help="Images per batch while extracting.")
 @click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--amp", default="auto", show_default=True, help=HELP["amp"])
