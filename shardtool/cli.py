@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shardtool import __version__
-from shardtool.config import MAX_PIXELS, CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
+from shardtool.config import MAX_PIXELS, RANGES, CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
 from shardtool.errors import ShardtoolError
+from shardtool.options import Bounded, Output, Range
 from shardtool.readers.common import shown
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
@@ -53,14 +54,14 @@ def _join_on(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     if value == "auto":
         return None
-    if not value.isdigit():
-        raise click.BadParameter("use a number of processes, 0, or auto")
+    if not value.isdigit() or not RANGES["workers"].admits(int(value)):
+        raise click.BadParameter(f"use a number of processes from 0 to {RANGES['workers'].high:g}, or auto")
     return int(value)
 
 
 @main.command(cls=Command)
 @click.argument("source", type=click.Path())
-@click.argument("out", type=click.Path())
+@click.argument("out", type=Output(folder=True))
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "folder", "csv", "pixels", "bson"]), help="What SOURCE is.")
 @click.option("--categories", type=click.Path(),
@@ -72,7 +73,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
               help="CSV: let image paths lead outside --images through symlinks (never through '..' or an "
                    "absolute path: those rows are skipped, outside_images).")
 @click.option("--label-col", help="CSV: column holding the label (in SOURCE or the --join CSV).")
-@click.option("--label-level", type=int, help="CSV: cut a 'A / B / C' label to its first N levels.")
+@click.option("--label-level", type=Bounded(RANGES["label_level"]),
+              help="CSV: cut a 'A / B / C' label to its first N levels.")
 @click.option("--join", type=click.Path(), help="CSV: second CSV to join for the label and metadata.")
 @click.option("--join-on", callback=_join_on, help="CSV: LEFT=RIGHT join columns, e.g. product_id=id.")
 @click.option("--group-col", help="CSV: samples sharing this column share a split [join key or image].")
@@ -93,16 +95,21 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "pil"]),
               help="Decode/resize with DALI (on the GPU when CUDA is available) or PIL; auto: DALI on a GPU, "
                    "else the faster of the two on CPU (PIL, measured).")
-@click.option("--quality", default=90, show_default=True, help="JPEG quality when re-encoding.")
-@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="Skip images with more pixels (bombs).")
+@click.option("--quality", type=Bounded(RANGES["quality"]), default=90, show_default=True,
+              help="JPEG quality when re-encoding.")
+@click.option("--max-pixels", type=Bounded(RANGES["max_pixels"]), default=MAX_PIXELS, show_default=True,
+              help="Skip images with more pixels (bombs).")
 @click.option("--split", "split_text", default="", help="Held-out splits when SOURCE has none, e.g. val=0.1,test=0.1.")
 @click.option("--stratify", is_flag=True, help="Give every class its share of each split.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split hash and of the shuffled order.")
+@click.option("--seed", type=Bounded(RANGES["seed"]), default=0, show_default=True,
+              help="Seed of the split hash and of the shuffled order.")
 @click.option("--order", default="shuffled", show_default=True, type=click.Choice(["shuffled", "source"]),
               help="shuffled: write each split in a seeded random order (a product's pictures kept together), "
                    "so every stretch of a shard is a fair sample; source: in the source's order.")
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard, at most.")
-@click.option("--shard-bytes", type=int, help="Bytes per shard, at most (besides --shard-size).")
+@click.option("--shard-size", type=Bounded(RANGES["shard_size"]), default=1000, show_default=True,
+              help="Samples per shard, at most.")
+@click.option("--shard-bytes", type=Bounded(RANGES["shard_bytes"]),
+              help="Bytes per shard, at most (besides --shard-size).")
 @click.option("--workers", default="auto", show_default=True, callback=_workers,
               help="Worker processes: N, 0 (in-process) or auto (one per core when the work pays for handing it over).")
 @click.option("--distributor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
@@ -110,7 +117,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--ray-address", help="Ray cluster to run on (ray://... or HOST:PORT) [RAY_ADDRESS, else a local one].")
 @click.option("--staging", type=click.Path(), help="OUT a URL (s3://bucket/prefix, ...): local folder for the journal "
                                                    "and the shards on their way [~/.cache/shardtool/staging/...].")
-@click.option("--max-skip-fraction", default=0.01, show_default=True, help="Fail when more inputs than this are skipped.")
+@click.option("--max-skip-fraction", type=Bounded(RANGES["max_skip_fraction"]), default=0.01, show_default=True,
+              help="Fail when more inputs than this are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None,
@@ -216,10 +224,10 @@ def verify(out: str, decode: bool) -> None:
 
 @main.command(cls=Command)
 @click.argument("data", type=click.Path())
-@click.option("--out", "grid", default="grid.png", show_default=True, type=click.Path(), help="PNG to write.")
+@click.option("--out", "grid", default="grid.png", show_default=True, type=Output(), help="PNG to write.")
 @click.option("--split", default=None, help="Split to sample from [train, or the first].")
-@click.option("-n", "count", default=25, show_default=True, help="Number of images.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("-n", "count", type=Bounded(Range(int, 1)), default=25, show_default=True, help="Number of images.")
+@click.option("--seed", type=Bounded(RANGES["seed"]), default=0, show_default=True)
 def show(data: str, grid: str, split: str | None, count: int, seed: int) -> None:
     """Write a contact sheet of random samples of DATA with their labels."""
     from shardtool.show import contact_sheet

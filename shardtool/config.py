@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shardtool.errors import ConfigError
+from shardtool.options import MAX_WORKERS, Range
 
 RESIZE_MODES = ("none", "shorter", "longer", "fit", "pad", "squash")
 FORMATS = ("auto", "folder", "csv", "pixels", "bson")
@@ -20,6 +22,15 @@ ORDERS = ("shuffled", "source")  # see order.py
 
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit: pack's --max-pixels and trainer's default
+MAX_SIDE = 65_500  # JPEG's largest side: --resize N above it cannot be written
+MAX_SEED = 2**63 - 1
+
+# What each numeric option of `shardtool pack` may be: its click type and PackConfig.validate() read this
+RANGES = {
+    "quality": Range(int, 1, 100), "max_pixels": Range(int, 1), "seed": Range(int, 0, MAX_SEED),
+    "shard_size": Range(int, 1), "shard_bytes": Range(int, 1), "workers": Range(int, 0, MAX_WORKERS),
+    "max_skip_fraction": Range(float, 0, 1), "label_level": Range(int, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,10 @@ def parse_resize(text: str) -> Resize:
     mode, _, size = text.strip().lower().partition(":")
     if mode == "none" and not size:
         return Resize()
-    if mode not in RESIZE_MODES or mode == "none" or not size.isdigit() or int(size) < 1:
+    if mode not in RESIZE_MODES or mode == "none" or not size.isdigit() or not 1 <= int(size) <= MAX_SIDE:
         raise ConfigError(
             f"--resize {text!r} is not valid: use none or MODE:N with MODE one of "
-            f"{', '.join(RESIZE_MODES[1:])} (e.g. shorter:256)"
+            f"{', '.join(RESIZE_MODES[1:])} and N from 1 to {MAX_SIDE} (e.g. shorter:256)"
         )
     return Resize(mode, int(size))
 
@@ -69,10 +80,17 @@ def parse_split(text: str) -> dict[str, float]:
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     match = re.fullmatch(r"(\d+)x(\d+)(?:x([134]))?", text.strip().lower())
-    if not match:
+    if not match or min(int(match[1]), int(match[2])) < 1:
         raise ConfigError(f"--shape {text!r} is not valid: use HxWxC, e.g. 28x28x1 or 32x32x3")
     h, w, c = match.groups()
     return int(h), int(w), int(c or 1)
+
+
+def check_encoding(name: str) -> None:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ConfigError(f"--encoding {name!r} is not a text encoding Python knows (e.g. utf-8, latin-1)") from None
 
 
 @dataclass(frozen=True)
@@ -128,16 +146,12 @@ class PackConfig:
             raise ConfigError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.encode not in ENCODINGS:
             raise ConfigError(f"--encode {self.encode!r} is not one of {', '.join(ENCODINGS)}")
-        if not 1 <= self.quality <= 100:
-            raise ConfigError(f"--quality {self.quality} must be between 1 and 100")
-        if self.shard_size < 1 or (self.shard_bytes is not None and self.shard_bytes < 1):
-            raise ConfigError("--shard-size and --shard-bytes must be positive")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError("--workers must be 0 (in-process) or more")
+        for name, range_ in RANGES.items():
+            value = self.csv.label_level if name == "label_level" else getattr(self, name)
+            range_.check("--" + name.replace("_", "-"), value)
         if self.distributor not in ("local", "ray"):
             raise ConfigError(f"--distributor {self.distributor!r} is not one of local, ray")
-        if not 0 <= self.max_skip_fraction <= 1:
-            raise ConfigError("--max-skip-fraction must be between 0 and 1")
+        check_encoding(self.csv.encoding)
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
         if self.order not in ORDERS:
@@ -154,15 +168,11 @@ class PackConfig:
             raise ConfigError(f"--join {self.csv.join} does not exist")
         if (self.csv.join is None) != (self.csv.join_on is None):
             raise ConfigError("--join and --join-on go together, e.g. --join Products.csv --join-on product_id=id")
-        if self.csv.label_level is not None and self.csv.label_level < 1:
-            raise ConfigError("--label-level counts from 1 (the top of the category path)")
         self._check_limits()
         return self
 
     def _check_limits(self) -> None:
         """A --resize whose every output is over --max-pixels is refused here, not image by image."""
-        if self.max_pixels < 1:
-            raise ConfigError(f"--max-pixels {self.max_pixels} must be positive")
         if self.resize.fewest_pixels > self.max_pixels:
             raise ConfigError(f"--resize {self.resize} makes every image at least {self.resize.size}x{self.resize.size} "
                               f"pixels, over --max-pixels {self.max_pixels}: use N up to {math.isqrt(self.max_pixels)} "

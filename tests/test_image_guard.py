@@ -131,7 +131,9 @@ def test_a_resize_no_image_fits_under_max_pixels_is_one_config_line(tmp_path, cl
     (tmp_path / "src" / "cat").mkdir(parents=True)
     (tmp_path / "src" / "cat" / "0.jpg").write_bytes(jpeg_bytes(0, (16, 16)))
     result = cli("pack", tmp_path / "src", tmp_path / "out", "--resize", "shorter:999999", "--workers", "0")
-    assert_config_error(result, "--resize shorter:999999 makes every image at least 999999x999999 pixels",
+    assert_config_error(result, "--resize 'shorter:999999' is not valid", "N from 1 to 65500")  # JPEG's largest side
+    result = cli("pack", tmp_path / "src", tmp_path / "out", "--resize", "shorter:20000", "--workers", "0")
+    assert_config_error(result, "--resize shorter:20000 makes every image at least 20000x20000 pixels",
                         f"over --max-pixels {MAX_PIXELS}: use N up to 9459")
     assert not (tmp_path / "out" / "dataset.json").exists()
 

@@ -92,6 +92,7 @@ def test_a_changed_key_recomputes_the_features(change: str, data: Path, tmp_path
 
 
 def test_the_saved_head_evaluates_and_predicts_like_the_probe(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()  # --save writes a file into a folder that exists
     result = run(data, tmp_path / "cache", save=str(tmp_path / "ckpt" / "probe.pt"))
     predictor = load_predictor(str(tmp_path / "ckpt" / "probe.pt"), str(data), "cpu")
     for split in ("val", "test"):

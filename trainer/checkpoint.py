@@ -22,6 +22,9 @@ from trainer.errors import ConfigError
 
 FORMAT = "trainer-checkpoint/1"
 REFUSED = "is not a trainer checkpoint, or not one this version can load safely; it was not loaded"
+# What torch's weights-only unpickler raises on bytes that are no pickle of tensors (a text file, random bytes)
+NOT_A_PICKLE = (pickle.UnpicklingError, KeyError, struct.error, IndexError, TypeError, AttributeError,
+                UnicodeDecodeError, OverflowError)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -40,7 +43,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise about a file we refuse
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, KeyError, struct.error):  # not plain tensors and values, or not a pickle
+    except NOT_A_PICKLE:  # not plain tensors and values, or not a pickle
         raise ConfigError(f"{path} {REFUSED}") from None  # not torch's text: it advises weights_only=False
     except (RuntimeError, EOFError, ValueError) as error:  # a damaged archive: torch says what is wrong
         raise ConfigError(f"{path} is not a trainer checkpoint: {str(error).splitlines()[0]}") from None

@@ -14,8 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shardtool.errors import ShardtoolError
+from shardtool.options import Bounded, Device, Output, Range
 from shardtool.readers.common import shown
 from trainer import __version__
+from trainer.config import RANGES
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
 console = Console(soft_wrap=True, highlight=False)
@@ -24,10 +26,10 @@ HELP = {
     "model": "Backbone: efficientnet_lite0 (offline), tiny_cnn, a torchvision or a timm name.",
     "weights": "imagenet | none | PATH of a state dict (torchvision/timm imagenet weights need the network).",
     "epochs": "Epochs in all.", "batch_size": "Samples per batch on each process.",
-    "image_size": "Side the model trains on [0: the model's own].",
-    "eval_image_size": "Side for validation, test and predict [0: --image-size]; a little above it often "
+    "image_size": "Side the model trains on, 32 to 4096 [0: the model's own].",
+    "eval_image_size": "Side for validation, test and predict, 32 to 4096 [0: --image-size]; a little above it often "
                        "scores higher after RandomResizedCrop training (FixRes).", "optimizer": "adamw | sgd.",
-    "lr": "Peak LR of the head; the backbone gets lr x --backbone-lr-mult.",
+    "lr": "Peak LR of the head (above 0); the backbone gets lr x --backbone-lr-mult.",
     "backbone_lr_mult": "Backbone LR as a fraction of --lr once unfrozen.", "weight_decay": "Weight decay [adamw: "
                       "0.05, decoupled; sgd: 1e-4, an L2 term].",
     "momentum": "SGD momentum.", "warmup_epochs": "Linear warmup, then cosine decay.",
@@ -73,7 +75,7 @@ def remote_options(command: Any) -> Any:
 
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
     for name in reversed(("timeout", "retries", "cache", "cache_size")):
-        kind = {"timeout": float, "retries": int, "cache": str, "cache_size": float}[name]
+        kind = Bounded(RANGES[name]) if name in RANGES else Output(folder=True)
         command = click.option("--" + name.replace("_", "-"), name, type=kind, default=defaults[name],
                                show_default=True, help=HELP[name])(command)
     return command
@@ -104,13 +106,14 @@ def fit_options(command: Any) -> Any:
     """One --flag per FitConfig field (defaults shown from the dataclass), so the two never drift apart."""
     from trainer.config import FitConfig
 
+    kinds: dict[str, click.ParamType] = {"device": Device(), "cache": Output(folder=True)}
     for f in reversed([f for f in dataclasses.fields(FitConfig) if f.name not in ("data", "out")]):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             command = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
                                    show_default=True, help=HELP[f.name])(command)
         else:
-            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            kind = Bounded(RANGES[f.name]) if f.name in RANGES else kinds.get(f.name, click.STRING)
             command = click.option(flag, f.name, type=kind, default=f.default, show_default=True,
                                    help=HELP[f.name])(command)
     return command
@@ -127,7 +130,7 @@ def main() -> None:
 
 @main.command(cls=Command)
 @click.argument("data")
-@click.argument("out", type=click.Path())
+@click.argument("out", type=Output(folder=True))
 @click.option("--config", "config_path", type=click.Path(), help="YAML file of options; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue OUT's run exactly from OUT/last.pt (--epochs may change: "
                                             "extra epochs run at the schedule's floor LR).")
@@ -215,10 +218,10 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.argument("ckpt", type=click.Path())
 @click.argument("data")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
                                      "predict on files, export and serve give (float32).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, num_samples, ...).")
@@ -242,17 +245,19 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
 @click.argument("ckpt", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--split", default="test", show_default=True, help="Shards: split to predict (unlabelled too).")
-@click.option("--out", "out", default="", type=click.Path(),
+@click.option("--out", "out", default="", type=Output(),
               help="Shards: CSV to write [preds.csv]. Files: write .csv (file,rank,label,index,prob,error) or "
                    ".json instead of printing a table.")
 @click.option("--group", is_flag=True, help="Shards: one row per group (product) from averaged probabilities: "
                                             "_id,category_id.")
-@click.option("-k", "--top-k", "k", default=5, show_default=True, help="Files: labels per image.")
+@click.option("-k", "--top-k", "k", type=Bounded(Range(int, 1)), default=5, show_default=True,
+              help="Files: labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Shards: decode processes.")
+@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True,
+              help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
                                      "predict on files, export and serve give (float32).")
 @remote_options
@@ -315,12 +320,12 @@ def render_results(results: Any) -> list[Any]:
 
 @main.command(cls=Command)
 @click.argument("ckpt", type=click.Path())
-@click.argument("out", type=click.Path())
+@click.argument("out", type=Output())
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "torchscript"]))
 @click.option("--check-data", "data", default="",
               help="Also check parity on every image of a split of this shardtool output (else random inputs only).")
 @click.option("--split", default="test", show_default=True, help="Split of --check-data.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar (with parity) as JSON.")
 def export(ckpt: str, out: str, fmt: str, data: str, split: str, batch_size: int, as_json: bool) -> None:
     """Export CKPT to OUT (ONNX or TorchScript, dynamic batch axis) and a JSON sidecar OUT.json beside it.
@@ -362,13 +367,15 @@ class BatchProgress(Bars):
 @main.command(cls=Command)
 @click.argument("model", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True)
-@click.option("--max-batch", default=16, show_default=True, help="Requests answered by one forward pass at most.")
-@click.option("--max-wait-ms", default=5.0, show_default=True,
+@click.option("--port", type=Bounded(Range(int, 1, 65535)), default=8000, show_default=True)
+@click.option("--max-batch", type=Bounded(Range(int, 1)), default=16, show_default=True,
+              help="Requests answered by one forward pass at most.")
+@click.option("--max-wait-ms", type=Bounded(Range(float, 0, 60_000)), default=5.0, show_default=True,
               help="How long the first request of a batch waits for others.")
-@click.option("--max-upload-mb", default=20.0, show_default=True, help="Bigger uploads get 413.")
-@click.option("--device", default="auto", show_default=True, help=HELP["device"])
-@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1, max=3600),
+@click.option("--max-upload-mb", type=Bounded(Range(float, 0, low_open=True)), default=20.0, show_default=True,
+              help="Bigger uploads get 413.")
+@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
+@click.option("--header-timeout", type=Bounded(Range(float, 0.1, 3600)), default=10.0, show_default=True,
               help="Seconds a client has to send a request's headers; then its connection is closed (slowloris).")
 def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, max_upload_mb: float,
           device: str, header_timeout: float) -> None:
@@ -390,20 +397,21 @@ def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, 
 @click.argument("data")
 @click.option("--model", default="efficientnet_lite0", show_default=True, help=HELP["model"])
 @click.option("--weights", default="imagenet", show_default=True, help=HELP["weights"])
-@click.option("--image-size", default=0, show_default=True,
+@click.option("--image-size", type=Bounded(RANGES["image_size"]), default=0, show_default=True,
               help="Side of the centre crop every split is seen at (shorter side to side/0.875 first, as fit "
                    "evaluates) [0: the model's own].")
-@click.option("--out", "out", default="", type=click.Path(),
+@click.option("--out", "out", default="", type=Output(folder=True),
               help="Folder of the feature cache [DATA/.probe/MODEL]; reused while model, weights, seed, "
                    "preprocessing, amp, loader and the shards' sha256 match.")
-@click.option("--save", default="", type=click.Path(),
+@click.option("--save", default="", type=Output(),
               help="Write backbone + head to this checkpoint, for trainer evaluate / predict.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per batch while extracting.")
-@click.option("--workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True,
+              help="Images per batch while extracting.")
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--amp", default="auto", show_default=True, help=HELP["amp"])
-@click.option("--device", default="auto", show_default=True, help=HELP["device"])
-@click.option("--seed", default=0, show_default=True,
+@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
+@click.option("--seed", type=Bounded(RANGES["seed"]), default=0, show_default=True,
               help="Initialises a random-init backbone (tiny_cnn, --weights none).")
 @click.option("--train-split", default="train", show_default=True, help="Split the head is trained on.")
 @click.option("--val-split", default="val", show_default=True,

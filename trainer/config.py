@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shardtool.options import MAX_WORKERS, Range, check_device
 from trainer.errors import ConfigError
 from trainer.remote import Remote
 
@@ -25,6 +26,23 @@ WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 # The backbone's LR ramp after it unfreezes, by default: one epoch, and at least this many optimizer steps, so a
 # small dataset (Fashion-MNIST's 702 images: 22 steps an epoch) does not reach the backbone's full LR in a few steps
 BACKBONE_WARMUP_STEPS = 100
+IMAGE_SIDE = Range(int, 32, 4096, zero=True)  # 0: the model's own; below 32 px a backbone's strides leave nothing
+EPOCHS = Range(float, 0)  # warmups and time constants, in epochs
+FRACTION = Range(float, 0, 1)
+SEED = Range(int, 0, 2**63 - 1)
+# What each numeric option of `trainer fit` may be (evaluate, predict and probe share theirs): the click type
+# of its flag and FitConfig.validate() (a YAML file, --resume, Python) both read this table
+RANGES = {
+    "epochs": Range(int, 1), "batch_size": Range(int, 1), "image_size": IMAGE_SIDE, "eval_image_size": IMAGE_SIDE,
+    "lr": Range(float, 0, low_open=True), "backbone_lr_mult": Range(float, 0), "weight_decay": Range(float, 0),
+    "momentum": Range(float, 0, 1, high_open=True), "warmup_epochs": EPOCHS, "min_lr": FRACTION,
+    "freeze_epochs": Range(int, 0), "unfreeze_warmup_epochs": EPOCHS,
+    "label_smoothing": Range(float, 0, 1, high_open=True), "ema_epochs": EPOCHS,
+    "crop_scale": Range(float, 0, 1, low_open=True), "mixup": Range(float, 0), "cutmix": Range(float, 0),
+    "workers": Range(int, 0, MAX_WORKERS), "shuffle_buffer": Range(int, 0), "patience": Range(int, 0),
+    "checkpoint_every": Range(int, 0), "seed": SEED, "timeout": Range(float, 0, low_open=True),
+    "retries": Range(int, 0), "cache_size": Range(float, 0),
+}
 
 
 @dataclass(frozen=True)
@@ -90,17 +108,11 @@ class FitConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if not 0 < self.crop_scale <= 1:
-            raise ConfigError("crop_scale must be in (0, 1]")
+        for name, range_ in RANGES.items():
+            range_.check("--" + name.replace("_", "-"), getattr(self, name))
+        check_device("--device", self.device)
         if self.head_init == "probe" and (self.weights == "none" or self.norm != "model"):
             raise ConfigError("--head-init probe needs pretrained --weights and --norm model (the probe's features)")
-        if (self.unfreeze_warmup_epochs or 0) < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
-            raise ConfigError("warmup_epochs, unfreeze_warmup_epochs and ema_epochs must be >= 0")
-        if self.freeze_epochs < 0 or self.workers < 0 or min(self.image_size, self.eval_image_size) < 0 or self.lr <= 0:
-            raise ConfigError("freeze_epochs, workers, image_size and eval_image_size must be >= 0 and lr > 0")
         return self
 
     @property

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import os
 import platform
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from shardtool.atomic import replacing
+from shardtool.options import check_output_file
 from trainer.errors import ConfigError
 from trainer.infer import Classifier
 
@@ -52,11 +55,11 @@ def export(ckpt: str, out: Path, fmt: str, *, data: str = "", split: str = "test
         raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     if str(ckpt).endswith(".onnx"):
         raise ConfigError(f"{ckpt} is already an export: export from the trainer checkpoint it came from")
+    check_outputs(Path(ckpt), out)
     classifier = Classifier.load(ckpt, "cpu")
     module = Exported(classifier.logits).eval()
     size = classifier.preprocessing.image_size
     example = torch.randn(2, 3, size, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out, out.with_name(out.name + ".tmp" + FORMATS[fmt])) as tmp:  # removed if anything fails
         (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
         run = (onnx_runner if fmt == "onnx" else torchscript_runner)(tmp)
@@ -68,6 +71,15 @@ def export(ckpt: str, out: Path, fmt: str, *, data: str = "", split: str = "test
     sidecar = describe(classifier, out, fmt, parity | {"data": data, "split": split if data else ""})
     sidecar_path(out).write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
     return sidecar | {"path": str(out), "sidecar": str(sidecar_path(out))}
+
+
+def check_outputs(ckpt: Path, out: Path) -> None:
+    """OUT and its sidecar must be writable and neither may be CKPT (by resolved path or the same file)."""
+    for flag, path in (("OUT", out), ("OUT's sidecar", sidecar_path(out))):
+        check_output_file(flag, str(path))
+        same = path.resolve() == ckpt.resolve() or (path.exists() and ckpt.exists() and os.path.samefile(path, ckpt))
+        if same:
+            raise ConfigError(f"{flag} {path} is the checkpoint CKPT itself: write the export to another file")
 
 
 def sidecar_path(model: Path) -> Path:
@@ -94,8 +106,12 @@ def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> N
 def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """ONNX Runtime on the CPU: normalised batch -> probabilities."""
     import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
+        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
 
     def run(images: torch.Tensor) -> torch.Tensor:
         probs = session.run(["probabilities"], {"input": np.ascontiguousarray(images.float().numpy())})[0]
@@ -117,16 +133,50 @@ def load_onnx(path: Path) -> tuple[dict[str, Any], Callable[[torch.Tensor], torc
     side = sidecar_path(path)
     if not path.is_file() or not side.is_file():
         raise ConfigError(f"{path}: needs the file and its sidecar {side.name} (written by trainer export)")
-    sidecar = json.loads(side.read_text(encoding="utf-8"))
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise ConfigError(f"{side} is not a trainer export sidecar")
+    sidecar = read_sidecar(side)
     import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
+        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(["logits"], {"input": np.ascontiguousarray(images.numpy())})[0])
     return sidecar, logits
+
+
+# What Classifier.from_onnx reads from a sidecar, and the JSON type each must have
+SIDECAR_FIELDS = {"format": str, "model": str, "classes": list, "class_entries": list, "checkpoint_sha256": str,
+                  "preprocessing": dict}
+PREPROCESSING_FIELDS = {"image_size": int, "resize_shorter": int, "mean": list, "std": list}
+
+
+def read_sidecar(side: Path) -> dict[str, Any]:
+    """The sidecar's JSON with every field Classifier.from_onnx reads, of its type; else one line naming it."""
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{side} is not a trainer export sidecar (not JSON): export the checkpoint again") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        raise ConfigError(f"{side} is not a trainer export sidecar")
+    for name, kind in SIDECAR_FIELDS.items():
+        _need(side, name, isinstance(sidecar.get(name), kind))
+    pre = sidecar["preprocessing"]
+    for name, kind in PREPROCESSING_FIELDS.items():
+        _need(side, f"preprocessing.{name}", isinstance(pre.get(name), kind) and not isinstance(pre[name], bool))
+    _need(side, "classes", all(isinstance(name, str) for name in sidecar["classes"]))
+    for name in ("mean", "std"):
+        values = pre[name]
+        numbers = len(values) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        _need(side, f"preprocessing.{name}", numbers and (name == "mean" or min(values) > 0))
+    return sidecar
+
+
+def _need(side: Path, name: str, ok: bool) -> None:
+    if not ok:
+        raise ConfigError(f"{side} lacks a valid {name!r}: export the checkpoint again (trainer export)")
 
 
 def batches(classifier: Classifier, data: str, split: str, batch_size: int,

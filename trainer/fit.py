@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from shardtool.options import check_device, check_output_folder
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import BACKBONE_WARMUP_STEPS, FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
@@ -77,10 +78,13 @@ class Run:
 def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
     """auto | cpu | cuda | cuda:N -> a device. Under torchrun (DIST with world > 1) a CUDA device is always
     cuda:LOCAL_RANK, one GPU per process, whatever index was asked for: NCCL fails with two ranks on one."""
+    check_device("--device", name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device here (use cpu or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     if name.startswith("cuda") and dist is not None and dist.world > 1:
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
@@ -244,6 +248,7 @@ def fit(config: FitConfig, dist: Dist = Dist(), resume: bool = False, overwrite:
         on_epoch: Callable[[dict[str, Any]], None] = lambda row: None) -> dict[str, Any]:
     """Train CONFIG's model on CONFIG's data; returns the summary also written to OUT/summary.json."""
     out = Path(config.out)
+    check_output_folder("OUT", config.out)  # before the dataset is opened or a model built
     if not resume and not overwrite and (out / "last.pt").exists():
         raise ConfigError(f"{out} already holds a run: --resume to continue it, --overwrite to start again")
     checkpoint = load_checkpoint(out / "last.pt") if resume else None

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from shardtool.options import check_device, check_output_file, check_output_folder
 from trainer.checkpoint import save_checkpoint
+from trainer.config import RANGES
 from trainer.data import LoaderSpec, resolve_backend
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.errors import ConfigError
@@ -54,8 +56,11 @@ class ProbeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.batch_size < 1 or self.workers < 0 or self.image_size < 0:
-            raise ConfigError("batch_size must be at least 1, workers and image_size at least 0")
+        for name in ("image_size", "batch_size", "workers", "seed"):
+            RANGES[name].check("--" + name.replace("_", "-"), getattr(self, name))
+        check_device("--device", self.device)
+        check_output_folder("--out", self.out)  # both before any feature is extracted
+        check_output_file("--save", self.save)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,4 +190,5 @@ def fit_probe(fit_config: Any, out: Path, progress: Progress = lambda role, done
                          workers=fit_config.workers, loader=fit_config.loader, amp=fit_config.amp,
                          device=fit_config.device, seed=fit_config.seed, train_split=fit_config.train_split,
                          val_split=fit_config.val_split)
+    out.mkdir(parents=True, exist_ok=True)  # probe.pt's folder: a --save whose folder is missing is refused
     return probe(config.validate(), progress)

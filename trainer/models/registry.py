@@ -12,8 +12,6 @@ network), `none`, or a path to a state dict.
 
 from __future__ import annotations
 
-import pickle
-import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer.checkpoint import NOT_A_PICKLE
 from trainer.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,7 +74,7 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # torch's notes about a file we refuse anyway
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, struct.error):
+    except (*NOT_A_PICKLE, RuntimeError, EOFError, ValueError):
         raise ConfigError(f"--weights {path} is not a state dict of tensors this version can load safely; "
                           "it was not loaded") from None
     if not isinstance(state, dict):
