@@ -97,6 +97,7 @@ def test_auto_amp_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch) -> 
 
 def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # resolve_device refuses a cuda:N the machine lacks
     rank1 = Dist(rank=1, world=2, local_rank=1)
     for asked in ("auto", "cuda", "cuda:0"):
         assert resolve_device(asked, rank1) == torch.device("cuda", 1), asked
