@@ -250,3 +250,28 @@ def test_a_shard_of_another_size_than_the_manifest_says_is_an_error(packed: Path
         assert len(lost) == shard["num_samples"]
         assert all(f"the manifest says {shard['bytes']:,}" in why for why in lost), lost[:1]
     assert not list((tmp_path / "cache").glob("*/*.part"))
+
+
+# --- fit ---------------------------------------------------------------------------------------------------------
+
+def test_fit_stops_with_one_line_naming_shard_and_key_or_counts_the_skip(copy: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    name = first_shard(copy)["name"]
+    key = rewrite_shard(copy, name, [b"99"])[0]
+    tiny = ["--model", "tiny_cnn", "--weights", "none", "--batch-size", "4", "--workers", "0", "--amp", "none",
+            "--freeze-epochs", "0", "--epochs", "1", "--device", "cpu"]
+    monkeypatch.setenv("TRAINER_MALLOC", "system")
+    failed = CliRunner().invoke(main, ["fit", str(copy), str(tmp_path / "fail"), *tiny])
+    assert failed.exit_code == 2 and (failed.exception is None or isinstance(failed.exception, SystemExit))
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and name in lines[0] and key in lines[0] and "label '99'" in lines[0], failed.stderr
+    skipped = CliRunner().invoke(main, ["fit", str(copy), str(tmp_path / "skip"), *tiny, "--on-corrupt", "skip"])
+    assert skipped.exit_code == 0, skipped.output[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "skip" / "metrics.csv")))
+    assert int(rows[0]["skipped"]) == 1
