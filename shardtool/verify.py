@@ -131,7 +131,7 @@ def verify_dataset(out: str, decode: bool = False) -> tuple[list[str], dict[str,
         if remote is not None:
             if not remote.exists(NAME):
                 raise ConfigError(f"{out} is not a finished shardtool output (no {NAME}); run shardtool pack first")
-            Path(fetched, NAME).write_text(remote.read_text(NAME), encoding="utf-8")
+            Path(fetched, NAME).write_bytes(remote.read_small(NAME))
         folder = Path(fetched) if remote is not None else Path(out)
         manifest = load_manifest(folder)
         problems, shards, samples = [], 0, 0

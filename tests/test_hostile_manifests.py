@@ -275,3 +275,13 @@ def test_fit_stops_with_one_line_naming_shard_and_key_or_counts_the_skip(copy: P
     assert skipped.exit_code == 0, skipped.output[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "skip" / "metrics.csv")))
     assert int(rows[0]["skipped"]) == 1
+
+
+def test_verify_of_a_url_whose_manifest_never_ends_is_one_line(packed: Path) -> None:
+    from shardtool.publish import Publisher
+
+    with FaultServer(packed) as server:
+        server.inject("endless", times=None, match=NAME)
+        with pytest.raises(ConfigError, match="longer than 1,048,576 bytes"):
+            Publisher(server.url).read_small(NAME, limit=1 << 20)
+        assert server.sent < 64 << 20
