@@ -115,7 +115,7 @@ def scan_tar(root: Path, name: str) -> TarScan:
         hashing = _Hashing(raw)
         scan = TarScan(name)
         try:
-            samples = list(_samples(tarfile.open(fileobj=hashing, mode="r|")))  # type: ignore[call-overload]
+            samples = list(_samples(tarfile.open(fileobj=hashing, mode="r|"), name))  # type: ignore[call-overload]
         except tarfile.TarError as error:
             raise ConfigError(f"{name} is not a readable tar ({error})") from None
         while hashing.read(1 << 20):  # the end-of-archive padding tarfile does not read
@@ -156,17 +156,22 @@ def scan_tar(root: Path, name: str) -> TarScan:
 Member = tuple[str, int, int, str, bytes | None]  # (ext, data offset, size, name, data of .cls/.txt)
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[Member]]]:
+def _samples(tar: tarfile.TarFile, shard: str) -> Iterator[tuple[str, list[Member]]]:
     """(key, members) in file order, grouped as DALI's wds2idx groups them: a new sample starts when the
     name up to the first dot of the file name changes; hidden files and non-files are passed over."""
     key, members = None, []
+    names: set[str] = set()
+    keys: set[str] = set()
     for info in tar:
         if not info.isreg():
             continue
         cut = info.name.find(".", info.name.rfind("/") + 1)
         base, ext = (info.name[:cut], info.name[cut + 1:]) if cut >= 0 else (info.name, "")
-        if not base or base.endswith("/") or not ext:
+        if not base or base.endswith("/"):
             continue
+        _check_member(shard, info.name, ext, names, keys if base != key else set())
+        if base != key:
+            keys.add(base)
         data = tar.extractfile(info).read() if ext in ("cls", "txt") else None  # type: ignore[union-attr]
         if base != key and members:
             yield key, members  # type: ignore[misc]
@@ -175,6 +180,19 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[Member]]]:
         members.append((ext, info.offset_data, info.size, info.name, data))
     if members:
         yield key, members  # type: ignore[misc]
+
+
+def _check_member(shard: str, name: str, ext: str, names: set[str], keys: set[str]) -> None:
+    """A member every reader can place: it has an extension, its name is new, and its sample's key is not one
+    an earlier sample had (readers group consecutive members; a repeated key would be two samples of one name)."""
+    if not ext:
+        raise ConfigError(f"{shard}: member {name!r} has no extension: readers cannot tell what it holds; rename or remove it")
+    if name in names:
+        raise ConfigError(f"{shard}: member {name!r} is in the tar twice: readers would keep one of them; remove the other")
+    if name[: -len(ext) - 1] in keys:
+        raise ConfigError(f"{shard}: member {name!r} belongs to sample {name[: -len(ext) - 1]!r}, which an earlier run of "
+                          "members already used: a sample's members must be next to each other")
+    names.add(name)
 
 
 def manifest_from(root: Path, scans: list[TarScan], classes_file: str | None) -> dict[str, Any]:

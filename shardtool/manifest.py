@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,15 +48,76 @@ def load_manifest(out: str | os.PathLike[str]) -> Manifest:
     path = Path(out) / NAME
     if not path.is_file():
         raise ConfigError(f"{out} is not a finished shardtool output (no {NAME}); run shardtool pack first")
+    return Manifest(path, parse_manifest(path.read_bytes(), str(path), "shardtool", Path(out)))
+
+
+def parse_manifest(raw: bytes, where: str, reader: str, root: Path | None = None) -> dict[str, Any]:
+    """dataset.json's bytes -> its dict, checked as far as every reader relies on it (format, version, class
+    list, shard names inside the dataset folder); anything else is a one-line ConfigError that names WHERE
+    and never quotes the file's bytes. Both shardtool (load_manifest) and trainer (open_dataset) read here."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON: {error}") from None
-    if data.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a shardtool manifest")
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{where} is not valid JSON: not UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:  # its message names line and column, never the text
+        raise ConfigError(f"{where} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{where} is not a shardtool manifest")
     if data.get("version") != VERSION:
-        raise ConfigError(f"{path} has manifest version {data.get('version')}; this shardtool reads {VERSION}")
-    return Manifest(path, data)
+        raise ConfigError(f"{where} has manifest version {data.get('version')}; this {reader} reads {VERSION}")
+    check_structure(data, where)
+    if root is not None:  # a local folder: no symlink inside it may lead out either
+        for split in data["splits"].values():
+            for shard in split["shards"]:
+                confined(root, shard["name"]), confined(root, shard["index"])
+    return data
+
+
+def check_structure(data: dict[str, Any], where: str) -> None:
+    """The parts readers index into: a class list that covers every split's labels, and shard entries whose
+    names stay inside the dataset folder (or under its base URL)."""
+    classes, splits = data.get("classes"), data.get("splits")
+    if not isinstance(classes, list) or not isinstance(splits, dict):
+        raise ConfigError(f"{where} has no class list or no splits: not a whole shardtool manifest")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise ConfigError(f"{where}: split {name!r} has no shard list")
+        counts = split.get("class_counts") or []
+        if name != "unlabelled" and not classes:
+            raise ConfigError(f"{where} lists no classes, but split {name!r} is labelled; "
+                              "repack, or run `shardtool index` on the tars")
+        if len(counts) > len(classes):
+            raise ConfigError(f"{where} lists {len(classes)} classes, but split {name!r} counts labels up to "
+                              f"{len(counts) - 1}; repack, or run `shardtool index` on the tars")
+        for shard in split["shards"]:
+            check_shard_entry(shard, where)
+
+
+def check_shard_entry(shard: Any, where: str) -> None:
+    if not isinstance(shard, dict) or not isinstance(shard.get("num_samples"), int):
+        raise ConfigError(f"{where} has a shard entry without a name, index and sample count")
+    for field in ("name", "index"):
+        check_relative(shard.get(field), where)
+
+
+def check_relative(name: Any, where: str) -> None:
+    """NAME must be a relative path that stays inside the dataset folder: no '..', no absolute path, no
+    URL or drive (a manifest that names ../../etc/passwd is refused when it is read, not followed)."""
+    ok = isinstance(name, str) and name and "\\" not in name and ":" not in name and "\0" not in name
+    normal = posixpath.normpath(name) if ok else ""
+    if not ok or name.startswith("/") or normal == ".." or normal.startswith("../") or ".." in name.split("/"):
+        shown = repr(name)[:80]
+        raise ConfigError(f"{where} names a shard file {shown} outside its dataset folder; "
+                          "shard names must be paths relative to the folder")
+
+
+def confined(root: Path, name: str) -> Path:
+    """ROOT / NAME, refused (ConfigError) when a symlink on the way leads outside ROOT."""
+    path = root / name
+    real_root = root.resolve()
+    if not path.resolve().is_relative_to(real_root):
+        raise ConfigError(f"{root}: {name!r} leads outside the dataset folder through a symlink")
+    return path
 
 
 class _SplitTotals:

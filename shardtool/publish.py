@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shardtool.errors import ConfigError, PackError
 
+SMALL_LIMIT = 64 << 20  # the most bytes a manifest or sidecar read from a URL may have
 ATOMIC_PUT = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # object stores: a put is all or nothing
 
 
@@ -82,8 +83,15 @@ class Publisher:
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(f"{self.root}/{name}"))
 
-    def read_text(self, name: str) -> str:
-        return self.fs.cat_file(f"{self.root}/{name}").decode("utf-8")
+    def read_small(self, name: str, limit: int = SMALL_LIMIT) -> bytes:
+        """A manifest or sidecar, refused past LIMIT bytes (a body that never ends is one line)."""
+        data = bytearray()
+        with self.fs.open(f"{self.root}/{name}", "rb") as file:
+            while len(data) <= limit and (chunk := file.read(limit + 1 - len(data))):  # a stream reads in parts
+                data += chunk
+        if len(data) > limit:
+            raise ConfigError(f"{self.url}/{name} is longer than {limit:,} bytes, more than a manifest ever needs")
+        return bytes(data)
 
     def fetch(self, name: str, local: Path) -> None:
         self.fs.get_file(f"{self.root}/{name}", str(local))

@@ -33,13 +33,17 @@ def _fetch(remote: Publisher, shard: dict[str, Any], folder: Path) -> list[str]:
 def read_index(text: str) -> list[list[tuple[str, int, int, str]]]:
     """Parse a DALI .idx: per sample, its (ext, offset, size, name) members."""
     lines = text.splitlines()
-    version, count = lines[0].split()
-    if version != IDX_VERSION or int(count) != len(lines) - 1:
-        raise ValueError(f"header {lines[0]!r} does not match {len(lines) - 1} sample lines")
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != IDX_VERSION or header[1] != str(len(lines) - 1):
+        raise ValueError(f"its first line is not a {IDX_VERSION} header for {len(lines) - 1} sample lines")
     samples = []
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], 1):  # errors name the line, never quote it (it may not be ours)
         parts = line.split()
-        samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)])
+        try:
+            samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
+                            for i in range(0, len(parts), 4)])
+        except (IndexError, ValueError):
+            raise ValueError(f"line {number + 1} is not an index line") from None
     return samples
 
 
@@ -51,8 +55,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Counter[str]) -> list[str]:
-    """Problems with one shard; its labels are counted into `classes`."""
+def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Counter[str],
+                keys: dict[str, str] | None = None) -> list[str]:
+    """Problems with one shard; its labels are counted into `classes`, its sample keys into KEYS (key -> the
+    shard it was first seen in: a key in two shards is a problem naming both)."""
     path, problems = folder / shard["name"], []
     if not path.is_file():
         return [f"{shard['name']}: missing"]
@@ -62,12 +68,29 @@ def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Coun
         index = read_index((folder / shard["index"]).read_text())
     except (OSError, ValueError, IndexError) as error:
         return problems + [f"{shard['index']}: unreadable ({error})"]
+    problems += _repeated_keys(index, shard["name"], {} if keys is None else keys)
     try:
         problems += _check_members(path, shard, index, decode, classes)
     except tarfile.TarError as error:  # a damaged header or a cut-off shard
         return problems + [f"{shard['name']}: not a readable tar ({error})"]
     if len(index) != shard["num_samples"]:
         problems.append(f"{shard['name']}: {len(index)} samples, manifest says {shard['num_samples']}")
+    return problems
+
+
+def _repeated_keys(index: list[list[tuple[str, int, int, str]]], shard: str, keys: dict[str, str]) -> list[str]:
+    """A key that names two samples: the trainer's keys, predictions and resume would mix them up."""
+    problems = []
+    for sample in index:
+        if not sample:
+            continue
+        ext, _, _, name = sample[0]
+        key = name[: -len(ext) - 1]
+        if key not in keys:
+            keys[key] = shard
+            continue
+        where = f"twice in {shard}" if keys[key] == shard else f"in both {keys[key]} and {shard}"
+        problems.append(f"key {key!r} is {where}: every sample needs its own key")
     return problems
 
 
@@ -108,16 +131,17 @@ def verify_dataset(out: str, decode: bool = False) -> tuple[list[str], dict[str,
         if remote is not None:
             if not remote.exists(NAME):
                 raise ConfigError(f"{out} is not a finished shardtool output (no {NAME}); run shardtool pack first")
-            Path(fetched, NAME).write_text(remote.read_text(NAME), encoding="utf-8")
+            Path(fetched, NAME).write_bytes(remote.read_small(NAME))
         folder = Path(fetched) if remote is not None else Path(out)
         manifest = load_manifest(folder)
         problems, shards, samples = [], 0, 0
+        keys: dict[str, str] = {}  # every sample's key, over all splits
         for split, entry in manifest.splits.items():
             classes: Counter[str] = Counter()
             for shard in manifest.shards(split):
                 if remote is not None:
                     problems += _fetch(remote, shard, folder)
-                problems += check_shard(folder, shard, decode, classes)
+                problems += check_shard(folder, shard, decode, classes, keys)
                 if remote is not None:
                     for name in (shard["name"], shard["index"]):
                         (folder / name).unlink(missing_ok=True)

@@ -11,6 +11,8 @@ every=N: only every Nth of those):
     stall         headers and half the body, then nothing, the connection left open (until the server stops)
     short         Content-Length promises the whole range, half of it is sent, then a clean close
     ignore-range  a Range request answered "200" with the whole file, as servers without Range support do
+    endless       "200" with no length and a body that does not end: the file, then zeros (up to ENDLESS bytes,
+                  so that a client that reads it all still finishes); `sent` counts what went out
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-FAULTS = ("drop", "503", "stall", "short", "ignore-range")
+FAULTS = ("drop", "503", "stall", "short", "ignore-range")  # the ones a client recovers from
+HOSTILE = ("endless",)  # the ones it must refuse (tests/test_hostile_manifests.py)
+ENDLESS = 256 << 20
 
 
 @dataclass
@@ -45,6 +49,7 @@ class FaultServer:
         self.folder = Path(folder)
         self.faults: list[Fault] = []
         self.log = Log()
+        self.sent = 0  # bytes the endless fault wrote
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         server = self
@@ -79,7 +84,7 @@ class FaultServer:
         self.httpd.server_close()
 
     def inject(self, kind: str, times: int | None = 1, match: str = ".tar", every: int = 1) -> None:
-        assert kind in FAULTS, kind
+        assert kind in FAULTS + HOSTILE, kind
         with self.lock:
             self.faults.append(Fault(kind, times, match, every))
 
@@ -122,9 +127,26 @@ class FaultServer:
         with open(file, "rb") as opened:
             opened.seek(start)
             body = opened.read(end - start)
+        if fault == "endless":
+            return self._endless(request, body)
         if fault in ("drop", "stall", "short"):
             return self._break(request, status, headers, body, fault)
         self._send(request, status, body, headers)
+
+    def _endless(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        request.send_response(200)
+        request.send_header("Connection", "close")  # no length: the body ends when the connection does
+        request.end_headers()
+        request.close_connection = True
+        zeros = bytes(1 << 16)
+        try:
+            request.wfile.write(body)
+            self.sent += len(body)
+            while self.sent < ENDLESS and not self.stopping.is_set():
+                request.wfile.write(zeros)
+                self.sent += len(zeros)
+        except OSError:  # the client stopped reading and hung up: what a good client does
+            pass
 
     @staticmethod
     def _send(request: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str]) -> None:

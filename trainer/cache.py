@@ -40,17 +40,18 @@ class ShardCache:
     def size_bytes(self) -> int:
         return int(self.remote.cache_gb * 1e9)
 
-    def local(self, url: str, sha256: str, index_url: str) -> tuple[Path, Path]:
-        """Local paths of the shard at URL (checked against SHA256) and of its .idx, fetched when missing."""
+    def local(self, url: str, sha256: str, index_url: str, size: int = 0) -> tuple[Path, Path]:
+        """Local paths of the shard at URL (checked against SHA256 and SIZE, the manifest's; 0: unknown) and of
+        its .idx (at most remote.small_limit bytes), fetched when missing."""
         folder = Path(self.folder) / hashlib.sha256(url.rsplit("/", 1)[0].encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
         tar = folder / url.rsplit("/", 1)[1]
         index = folder / index_url.rsplit("/", 1)[1]
         if not index.is_file():
-            self._fetch(index_url, index, None)
+            self._fetch(index_url, index, None, 0, self.remote.small_limit)
         for _ in range(2):  # a corrupt or vanished copy is fetched once more
             if not tar.is_file():
-                self._fetch(url, tar, sha256)
+                self._fetch(url, tar, sha256, size, size or None)
                 self._evict(keep={tar, index})
             elif not self._checked(tar, sha256):
                 COUNTS["cache_corrupt"] += 1
@@ -76,14 +77,21 @@ class ShardCache:
         _verified.add((str(path), stat.st_size, path.stat().st_mtime_ns))
         return True
 
-    def _fetch(self, url: str, path: Path, sha256: str | None) -> None:
+    def _fetch(self, url: str, path: Path, sha256: str | None, size: int, limit: int | None) -> None:
+        """URL into PATH through a .part file that is removed whatever happens: SIZE bytes exactly when the
+        manifest gives it (0: unknown; a longer body is cut there and fails its sha256, a shorter one is
+        retried, then an error), and never more than LIMIT (None: no limit)."""
         part = path.with_name(f"{path.name}.{os.getpid()}.part")
         digest = hashlib.sha256()
+        limit = limit or 1 << 62
         try:
-            with RangeReader(url, 0, None, self.remote) as reader, open(part, "wb") as out:
-                while chunk := reader.read(_CHUNK):
+            with (RangeReader(url, 0, size or None, self.remote, size or None) as reader,
+                  open(part, "wb") as out):
+                while chunk := reader.read(min(_CHUNK, limit + 1 - out.tell())):
                     digest.update(chunk)
                     out.write(chunk)
+                    if out.tell() > limit:
+                        raise RemoteError(f"cannot read {url}: longer than {limit:,} bytes (the most it may be)")
             if sha256 and digest.hexdigest() != sha256:
                 raise RemoteError(f"{url} does not match its sha256 in the manifest (downloaded "
                                   f"{part.stat().st_size:,} bytes): the server holds another file")

@@ -8,7 +8,6 @@ per split and per shard, classes, normalisation) comes from the manifest, never 
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from braceexpand import braceexpand
 
 from shardtool.errors import ConfigError
-from shardtool.manifest import FORMAT, NAME, VERSION
+from shardtool.manifest import NAME, parse_manifest
 from shardtool.publish import is_url
 from trainer.remote import Remote, RemoteError, fetch
 
@@ -94,15 +93,8 @@ def open_dataset(data: str, remote: Remote = Remote()) -> Dataset:
         names = [posixpath.basename(p) for p in braceexpand(data)]
         selected = frozenset(names)
         root = posixpath.dirname(data) or "."
-    text = _read_text(_join(root, NAME), data, remote)
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{_join(root, NAME)} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{data} is not a shardtool output ({NAME} is not a shardtool manifest)")
-    if manifest.get("version") != VERSION:
-        raise ConfigError(f"{data} has manifest version {manifest.get('version')}; this trainer reads {VERSION}")
+    raw = _read_bytes(_join(root, NAME), data, remote)
+    manifest = parse_manifest(raw, _join(root, NAME), "trainer", None if is_url(root) else Path(root))
     dataset = Dataset(root, manifest, selected)
     if selected is not None:
         known = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
@@ -117,10 +109,10 @@ def _join(root: str, name: str) -> str:
     return str(Path(root) / name)
 
 
-def _read_text(path: str, data: str, remote: Remote) -> str:
+def _read_bytes(path: str, data: str, remote: Remote) -> bytes:
     if is_url(path):
         try:
-            return fetch(path, remote).decode("utf-8")
+            return fetch(path, remote)
         except (OSError, ValueError) as error:
             raise ConfigError(str(error) if isinstance(error, RemoteError) else f"cannot read {path}: {error}") from None
     if not Path(data).exists() and "{" not in data:
@@ -131,4 +123,4 @@ def _read_text(path: str, data: str, remote: Remote) -> str:
             raise ConfigError(f"{folder} holds tars but no {NAME}: run `shardtool index {folder}` once to index "
                               "them (shards written by another tool)")
         raise ConfigError(f"{data} is not a shardtool output (no {NAME}); run shardtool pack first")
-    return Path(path).read_text(encoding="utf-8")
+    return Path(path).read_bytes()

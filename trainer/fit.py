@@ -130,7 +130,7 @@ def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, d
                       image_size=pre["train_image_size" if train else "image_size"], resize_size=pre["resize_shorter"],
                       mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
                       scale=(config.crop_scale, 1.0),
-                      labelled=dataset.labelled(split), seed=config.seed, rank=dist.rank, world=dist.world,
+                      labelled=dataset.labelled(split), num_classes=len(dataset.classes), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
                       device=str(device), remote=config.remote)
 

@@ -87,7 +87,7 @@ def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "", re
 def split_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
     pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
     return eval_spec(tuple(p.dataset.shards(split)), pre, batch_size, labelled=p.dataset.labelled(split),
-                     workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"],
+                     num_classes=len(p.dataset.classes), workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"],
                      remote=p.remote)
 
 

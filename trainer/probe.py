@@ -123,7 +123,8 @@ def eval_spec(config: ProbeConfig, dataset: Dataset, split: str, pre: dict[str, 
               device: torch.device) -> LoaderSpec:
     return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
                       image_size=pre["image_size"], resize_size=pre["resize_shorter"], mean=tuple(pre["mean"]),
-                      std=tuple(pre["std"]), train=False, labelled=dataset.labelled(split), workers=config.workers,
+                      std=tuple(pre["std"]), train=False, labelled=dataset.labelled(split), num_classes=len(dataset.classes),
+                      workers=config.workers,
                       on_corrupt="fail", device=str(device))
 
 

@@ -48,6 +48,7 @@ class Remote:
     backoff: float = 0.5  # the first retry waits up to this (full jitter), doubling up to 30 s
     cache: str = ""  # --cache DIR: whole shards kept on local disk (trainer/cache.py); "" reads ranges directly
     cache_gb: float = 0.0  # --cache-size: the cache's cap in GB; 0: none
+    small_limit: int = 64 << 20  # the most bytes a manifest or .idx may have (an endless body is refused)
 
 
 class RemoteError(OSError):
@@ -63,16 +64,22 @@ def is_http(url: str) -> bool:
 
 
 def fetch(url: str, remote: Remote) -> bytes:
-    """The whole object at URL (a manifest, an .idx)."""
+    """The whole object at URL (a manifest, an .idx), refused past remote.small_limit bytes: a body that never
+    ends is one line, not a MemoryError."""
     with RangeReader(url, 0, None, remote) as reader:
-        return reader.read()
+        data = reader.read(remote.small_limit + 1)
+    if len(data) > remote.small_limit:
+        raise RemoteError(f"cannot read {url}: longer than {remote.small_limit:,} bytes, more than a manifest "
+                          "or index ever needs (a wrong URL, or a server that sends without end)")
+    return data
 
 
 class RangeReader:
-    """Bytes [start, end) of URL as a forward-only file (end None: to the object's end)."""
+    """Bytes [start, end) of URL as a forward-only file (end None: to the object's end). SIZE, when known (the
+    manifest's), is the whole object's: a server that announces another length fails the request."""
 
-    def __init__(self, url: str, start: int, end: int | None, remote: Remote) -> None:
-        self.url, self.start, self.end, self.remote = url, start, end, remote
+    def __init__(self, url: str, start: int, end: int | None, remote: Remote, size: int | None = None) -> None:
+        self.url, self.start, self.end, self.remote, self.size = url, start, end, remote, size
         self.pos = start
         self._body: Any = None  # the open response / file
         self._drop = 0  # bytes to discard first (a server that ignored Range)
@@ -189,10 +196,14 @@ class RangeReader:
         if status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {self.pos}-"):
             response.close()
             raise _Failed(f"asked for bytes {self.pos}- and got {response.headers.get('Content-Range')!r}")
+        announced = _length(response.headers, status, self.pos)
+        if self.size is not None and announced is not None and announced != self.size:
+            response.close()
+            raise _Failed(f"the server's object is {announced:,} bytes, the manifest says {self.size:,}")
         self._body = response
         self._drop = self.pos if status == 200 else 0
         if self.end is None:
-            self.end = _length(response.headers, status, self.pos)
+            self.end = announced
 
     def _open_fsspec(self) -> None:
         try:

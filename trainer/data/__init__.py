@@ -32,6 +32,7 @@ class LoaderSpec:
     std: tuple[float, float, float]
     train: bool  # True: shuffle + RandomResizedCrop + flip; False: resize + centre crop, in shard order
     labelled: bool = True
+    num_classes: int = 0  # the manifest's classes: a .cls outside 0..num_classes-1 is a bad sample (0: not checked)
     resize_size: int = 0  # eval: shorter side before the centre crop [image_size / 0.875]
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     hflip: bool = True
@@ -71,6 +72,17 @@ class Loader(Protocol):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of EPOCH from START_BATCH on; the same order for the same seed, whatever the start."""
         ...
+
+
+def check_label(raw: bytes | None, num_classes: int) -> int:
+    """A .cls member's bytes -> its class index; ValueError (one line, the label shown cut short) when it is
+    missing, not a whole number >= 0, or not below NUM_CLASSES (0: any)."""
+    if raw is None:
+        raise ValueError("no .cls label in a labelled split")
+    text = bytes(raw).decode("utf-8", "replace").strip()
+    if not (text.isascii() and text.isdigit()) or (num_classes and int(text) >= num_classes):
+        raise ValueError(f"label {text[:20]!r} is not a class of the manifest's {num_classes} (0-{num_classes - 1})")
+    return int(text)
 
 
 def eval_spec(shards: tuple[Shard, ...], pre: Preprocessing, batch_size: int, **options: Any) -> LoaderSpec:

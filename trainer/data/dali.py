@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from trainer.data import Batch, LoaderSpec
+from trainer.data import Batch, LoaderSpec, check_label
 from trainer.data.plan import epoch_shards, rank_samples
 from trainer.cache import ShardCache
 from trainer.dataset import Shard, is_url
@@ -133,7 +133,7 @@ def local_shards(spec: LoaderSpec) -> LoaderSpec:
     cache = ShardCache(spec.remote)
     local = []
     for shard in spec.shards:
-        tar, index = cache.local(shard.url, shard.sha256, shard.index_url)
+        tar, index = cache.local(shard.url, shard.sha256, shard.index_url, shard.bytes)
         local.append(dataclasses.replace(shard, url=str(tar), index_url=str(index)))
     return dataclasses.replace(spec, shards=tuple(local))
 
@@ -180,9 +180,16 @@ class DaliLoader:
         metas = [json.loads(infos.at(i).tobytes()) for i in range(keep)]
         keys = [str(meta["key"]) for meta in metas]
         groups = [str(meta.get("group", meta.get("_id", meta["key"]))) for meta in metas]
-        values = [int(labels[0].at(i).tobytes()) for i in range(keep)] if labels else [-1] * keep
+        values = [self._label(labels[0].at(i).tobytes(), keys[i]) for i in range(keep)] if labels else [-1] * keep
         return Batch(hwc[:keep].permute(0, 3, 1, 2), torch.tensor(values, dtype=torch.int64).to(self.device),
                      keys, groups)
+
+    def _label(self, raw: bytes, key: str) -> int:
+        """DALI has no skip (--on-corrupt fail only): a label the manifest does not know stops with one line."""
+        try:
+            return check_label(raw, self.spec.num_classes)
+        except ValueError as error:
+            raise TrainError(f"sample {key}: {error}") from None
 
     def _copy(self, images: Any, out: torch.Tensor) -> None:
         from nvidia.dali.plugin.pytorch import feed_ndarray

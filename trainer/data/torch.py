@@ -42,7 +42,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from shardtool.process.pil import to_rgb
 from trainer.cache import ShardCache
-from trainer.data import Batch, LoaderSpec
+from trainer.data import Batch, LoaderSpec, check_label
 from trainer.data.plan import Segment, rank_samples, worker_plan
 from trainer.dataset import is_url
 from trainer.infer import eval_crop, normalize
@@ -69,14 +69,14 @@ def read_segment(segment: Segment, remote: Remote = Remote()) -> Iterator[dict[s
     shard = segment.shard
     url, index_url = shard.url, shard.index_url
     if remote.cache and is_url(url):
-        tar_path, index_path = ShardCache(remote).local(url, shard.sha256, index_url)
+        tar_path, index_path = ShardCache(remote).local(url, shard.sha256, index_url, shard.bytes)
         url, index_url = str(tar_path), str(index_path)
     if is_url(url):
         lines = remote_index(index_url, remote)[segment.start:segment.stop]
         members = [_members(line, index_url) for line in lines]
         begin = members[0][1][0][1] if members else 0
         end = max((offset + size for _, parts in members[-1:] for _, offset, size in parts), default=0)
-        with RangeReader(url, begin, end, remote) as tar:
+        with RangeReader(url, begin, end, remote, shard.bytes or None) as tar:
             if end - begin <= WHOLE_READ:  # a training block: read at once, its connection free for the next
                 tar = Buffered(tar.read(end - begin), begin)
             yield from _samples(members, tar, url, segment.stop - segment.start, index_url)
@@ -114,13 +114,12 @@ class Buffered:
 
 def _members(raw: bytes, index: str) -> tuple[str, list[tuple[str, int, int]]]:
     """One .idx line -> (key, [(ext, offset, size), ...])."""
-    line = raw.decode("utf-8", "replace")
     try:
-        fields = line.split()
+        fields = raw.decode("utf-8").split()
         members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
         return fields[3][: -len(fields[0]) - 1], members
-    except (IndexError, ValueError):
-        raise ValueError(f"{index} has an unreadable line: {line.strip()[:80]!r}") from None
+    except (IndexError, ValueError):  # the line itself is not quoted: the file may not be an index at all
+        raise ValueError(f"{index} has a line ({len(raw)} bytes) that is not an index line") from None
 
 
 def _samples(members: Iterable[tuple[str, list[tuple[str, int, int]]]], tar: Any, url: str,
@@ -254,15 +253,23 @@ def decode_bytes(data: bytes) -> torch.Tensor:
 def decode(sample: dict[str, Any], spec: LoaderSpec, epoch: int) -> tuple[torch.Tensor, int, str, str]:
     """Raw sample -> (uint8 image, label, key, group); raises ValueError on a bad sample."""
     key = sample["__key__"]
+    label = read_label(sample, spec)
     data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
     if data is None:
         raise ValueError("no image member")
     image = decode_bytes(data)
     rng = random.Random(f"{spec.seed}/{epoch}/{key}") if spec.train else None
-    label = int(sample["cls"]) if spec.labelled and "cls" in sample else -1
     meta = json.loads(sample["json"]) if "json" in sample else {}
     group = str(meta.get("group", meta.get("_id", key)))
     return transform(image, spec, rng), label, key, group
+
+
+def read_label(sample: dict[str, Any], spec: LoaderSpec) -> int:
+    """A labelled split's .cls as a class index the manifest knows, else ValueError (a counted skip with
+    --on-corrupt skip, one line naming shard and key otherwise); -1 for an unlabelled split."""
+    if not spec.labelled:
+        return -1
+    return check_label(sample.get("cls"), spec.num_classes)
 
 
 class ShardStream(IterableDataset):
