@@ -3,6 +3,7 @@ gets, and which device each torchrun rank uses. (The GPU runs themselves: `make 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import numpy as np
@@ -120,3 +121,29 @@ def test_dali_gpu_packs_in_one_worker_process() -> None:
 
     assert [worker_count(n, "dali-gpu") for n in (None, 0, 1, 8)] == [1, 0, 1, 1]
     assert [worker_count(n, "pil") for n in (None, 0, 8)] == [None, 0, 8]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="nvidia-dali not installed")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_the_loader_s_gpu_decoders_upsample_chroma_as_the_cpu_decoder(monkeypatch, train: bool) -> None:
+    """The trainer's mixed (nvJPEG) decoders are built with jpeg_fancy_upsampling, so GPU training sees the RGB
+    that pack, the torch loader and predict see (recorded here without a GPU)."""
+    from nvidia.dali import fn
+
+    from trainer.data import LoaderSpec
+    from trainer.data.dali import decode_augment
+
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise Recorded
+
+    monkeypatch.setattr(fn.decoders, "image_random_crop" if train else "image", record)
+    spec = LoaderSpec(shards=(), batch_size=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, train=train)
+    with pytest.raises(Recorded):
+        decode_augment(None, spec, "mixed")
+    assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from shardtool.process.dali import DECODER
 from trainer.data import Batch, LoaderSpec, check_label
 from trainer.data.plan import epoch_shards, rank_samples
 from trainer.cache import ShardCache
@@ -67,7 +68,8 @@ def reader_args(spec: LoaderSpec, shards: list[Shard], seed: int) -> dict[str, A
 
 def decode_augment(encoded: Any, spec: LoaderSpec, decoder: str) -> Any:
     """Encoded images -> float HWC S x S, normalised: the train or the eval transform. DECODER is the
-    decoders' device ("cpu", or "mixed" for nvJPEG)."""
+    decoders' device ("cpu", or "mixed" for nvJPEG); both upsample chroma as pack and the torch loader's
+    libjpeg-turbo do (shardtool.process.dali.DECODER)."""
     from nvidia.dali import fn, types
 
     size = spec.image_size
@@ -75,11 +77,12 @@ def decode_augment(encoded: Any, spec: LoaderSpec, decoder: str) -> Any:
             "std": [s * 255 for s in spec.std]}
     if spec.train:
         images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                               random_area=list(spec.scale), random_aspect_ratio=[3 / 4, 4 / 3])
+                                               random_area=list(spec.scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                               **DECODER)
         images = fn.resize(images, size=[size, size])
         mirror = fn.random.coin_flip(probability=0.5 if spec.hflip else 0.0)
         return fn.crop_mirror_normalize(images, mirror=mirror, **norm)
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **DECODER)
     images = fn.resize(images, resize_shorter=spec.eval_resize)
     return fn.crop_mirror_normalize(images, crop=[size, size], **norm)
 
