@@ -17,7 +17,7 @@ from shardtool.errors import ShardtoolError
 from shardtool.options import Bounded, Device, Output, Range
 from shardtool.readers.common import shown
 from trainer import __version__
-from trainer.config import RANGES
+from trainer.config import RANGES, default_workers
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
 console = Console(soft_wrap=True, highlight=False)
@@ -49,7 +49,8 @@ HELP = {
     "amp": "auto | bf16 | fp16 | none (auto: bf16 on CPUs and GPUs that have it).",
     "channels_last": "channels_last memory format.", "compile": "torch.compile the model.",
     "loader": "auto | torch | dali (auto: dali on a GPU when installed, else torch).",
-    "workers": "Decode processes per training process.", "shuffle_buffer": "Samples in the shuffle buffer.",
+    "workers": "Decode processes per training process [the CPUs this process may use, shared among torchrun's "
+               "processes on this machine, at most 16].", "shuffle_buffer": "Samples in the shuffle buffer.",
     "train_split": "Split to train on.", "val_split": "Split to validate on (val finds validation).",
     "metric": "val_top1 | val_top5 | val_loss: what best.pt is chosen by.",
     "patience": "Stop after this many epochs without improvement (0: never).",
@@ -114,7 +115,8 @@ def fit_options(command: Any) -> Any:
                                    show_default=True, help=HELP[f.name])(command)
         else:
             kind = Bounded(RANGES[f.name]) if f.name in RANGES else kinds.get(f.name, click.STRING)
-            command = click.option(flag, f.name, type=kind, default=f.default, show_default=True,
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            command = click.option(flag, f.name, type=kind, default=default, show_default=True,
                                    help=HELP[f.name])(command)
     return command
 
@@ -219,7 +221,7 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.argument("data")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Decode processes.")
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
 @click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
@@ -254,7 +256,7 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
               help="Files: labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
 @click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True,
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True,
               help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
@@ -407,7 +409,7 @@ def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, 
               help="Write backbone + head to this checkpoint, for trainer evaluate / predict.")
 @click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True,
               help="Images per batch while extracting.")
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=2, show_default=True, help="Decode processes.")
+@click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--amp", default="auto", show_default=True, help=HELP["amp"])
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])

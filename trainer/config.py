@@ -6,10 +6,12 @@ The effective config is saved as OUT/config.yaml and inside every checkpoint; `-
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shardtool.cpus import usable_cpus
 from shardtool.options import MAX_WORKERS, Range, check_device
 from trainer.errors import ConfigError
 from trainer.remote import Remote
@@ -26,6 +28,17 @@ WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 # The backbone's LR ramp after it unfreezes, by default: one epoch, and at least this many optimizer steps, so a
 # small dataset (Fashion-MNIST's 702 images: 22 steps an epoch) does not reach the backbone's full LR in a few steps
 BACKBONE_WARMUP_STEPS = 100
+DEFAULT_WORKERS_CAP = 16  # past ~16 a DataLoader's forked workers cost memory more than they add speed
+
+
+def default_workers() -> int:
+    """Decode workers per training process when --workers is not given: the CPUs this process may use
+    (affinity mask and CFS quota: shardtool.cpus) shared among this machine's training processes
+    (torchrun's LOCAL_WORLD_SIZE), at least 1 and at most DEFAULT_WORKERS_CAP."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(DEFAULT_WORKERS_CAP, usable_cpus() // processes))
+
+
 IMAGE_SIDE = Range(int, 32, 4096, zero=True)  # 0: the model's own; below 32 px a backbone's strides leave nothing
 EPOCHS = Range(float, 0)  # warmups and time constants, in epochs
 FRACTION = Range(float, 0, 1)
@@ -75,7 +88,7 @@ class FitConfig:
     channels_last: bool = True
     compile: bool = False
     loader: str = "auto"  # auto | torch | dali
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # from the CPUs this process may use
     shuffle_buffer: int = 1000
     train_split: str = "train"
     val_split: str = "val"

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from shardtool.atomic import replacing
 from trainer.checkpoint import check_classes, load_checkpoint
+from trainer.config import default_workers
 from trainer.data import Batch, LoaderSpec, eval_spec, make_loader
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.remote import Remote
@@ -43,8 +45,7 @@ def write_results(results: Iterable[Result], out: Path) -> list[Result]:
     """Per-file predictions to OUT: .json (a list of `Result.to_dict()`) or CSV, one row per label:
     file,rank,label,index,prob,error (a file that failed: one row with its error)."""
     done: list[Result] = []
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         if out.suffix.lower() == ".json":
             done = list(results)
             json.dump([r.to_dict() for r in done], f, indent=1)
@@ -57,7 +58,6 @@ def write_results(results: Iterable[Result], out: Path) -> list[Result]:
                     writer.writerow([result.source, rank, label.label, label.index, f"{label.prob:.6f}", ""])
                 if not result.ok:
                     writer.writerow([result.source, "", "", "", "", result.error])
-    tmp.replace(out)
     return done
 
 
@@ -84,14 +84,16 @@ def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "", re
     return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"], remote)
 
 
-def split_spec(p: Predictor, split: str, batch_size: int, workers: int) -> LoaderSpec:
+def split_spec(p: Predictor, split: str, batch_size: int, workers: int | None) -> LoaderSpec:
+    """WORKERS None: from the CPUs this process may use (config.default_workers)."""
+    workers = default_workers() if workers is None else workers
     pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
     return eval_spec(tuple(p.dataset.shards(split)), pre, batch_size, labelled=p.dataset.labelled(split),
                      num_classes=len(p.dataset.classes), workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"],
                      remote=p.remote)
 
 
-def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int = 2,
+def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int | None = None,
                         loader: str = "auto") -> tuple[dict[str, Any], EvalMeter]:
     spec = split_spec(p, split, batch_size, workers)
     batches = make_loader(spec, loader)
@@ -130,7 +132,7 @@ class GroupMeans:
         self.open.clear()
 
 
-def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size: int = 64, workers: int = 2,
+def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size: int = 64, workers: int | None = None,
                 loader: str = "auto") -> int:
     """Writes OUT; returns the number of rows."""
     spec = split_spec(p, split, batch_size, workers)
@@ -140,14 +142,13 @@ def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size:
     amp = make_amp(p.amp, p.device)
     bson = p.dataset.manifest["source"].get("format") == "bson"
     rows = 0
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f, torch.no_grad():
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, torch.no_grad():
         writer = csv.writer(f)
         if group:
             writer.writerow(["_id" if bson else "group", "category_id" if "category_id" in entries[0] else "label"])
         else:
             writer.writerow(["key", "group", "label", "prediction", "probability"])
-        means = GroupMeans(max(workers, 1))
+        means = GroupMeans(max(spec.workers, 1))
         for index, batch in enumerate(batches.epoch(0)):
             probs = _probabilities(p.model, batch, amp)
             if group:
@@ -159,7 +160,6 @@ def predict_csv(p: Predictor, split: str, out: Path, *, group: bool, batch_size:
         for g, mean in means.rest():
             writer.writerow([g, names[int(mean.argmax())]])
             rows += 1
-    tmp.replace(out)
     return rows
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from shardtool.options import check_device, check_output_file, check_output_folder
 from trainer.checkpoint import save_checkpoint
-from trainer.config import RANGES
+from trainer.config import RANGES, default_workers
 from trainer.data import LoaderSpec, resolve_backend
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.errors import ConfigError
@@ -42,7 +42,7 @@ class ProbeConfig:
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
     image_size: int = 0  # side of the centre crop (shorter side resized to side/0.875); 0: the model's own
     batch_size: int = 64
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     loader: str = "auto"  # auto | torch | dali
     amp: str = "auto"  # auto | bf16 | fp16 | none
     device: str = "auto"
