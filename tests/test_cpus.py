@@ -36,7 +36,7 @@ def test_a_cfs_quota_caps_the_count(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
-@pytest.mark.parametrize("local_world, expected", [(None, "1"), ("2", "1")])
+@pytest.mark.parametrize("local_world, expected", [(None, "1"), ("2", "1")])  # 1 CPU / 2 processes: still 1, never 0
 def test_trainer_s_default_workers_follow_the_cpus_it_may_use(local_world, expected) -> None:
     """Pinned to one core, fit, probe and --help default to 1 decode worker, not a fixed 2."""
     probe = ("from trainer.config import FitConfig; from trainer.probe import ProbeConfig; "

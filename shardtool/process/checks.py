@@ -18,7 +18,7 @@ from shardtool.sample import Sample, Skip
 
 T = TypeVar("T")
 
-__all__ = ["FORMATS", "decode", "load_bytes", "open_header", "open_image", "planned", "read_file"]
+__all__ = ["FORMATS", "decode", "load_bytes", "open_header", "open_image", "or_skip", "planned", "read_file"]
 
 
 def load_bytes(sample: Sample, max_pixels: int) -> bytes | Skip:
@@ -28,17 +28,17 @@ def load_bytes(sample: Sample, max_pixels: int) -> bytes | Skip:
         return data
     if not data:
         return _skip(sample, "empty_file", "0 bytes")
-    return _or_skip(sample, guard.check_size(len(data), Limits(max_pixels)) or data)
+    return or_skip(sample, guard.check_size(len(data), Limits(max_pixels)) or data)
 
 
 def read_file(sample: Sample, max_pixels: int) -> bytes | Skip:
     """The bytes of the sample's file if it is a regular file within the byte cap (guard.read_file)."""
-    return _or_skip(sample, guard.read_file(sample.path or "", Limits(max_pixels)))
+    return or_skip(sample, guard.read_file(sample.path or "", Limits(max_pixels)))
 
 
 def open_image(sample: Sample, data: bytes, max_pixels: int) -> Image.Image | Skip:
     """Parse the header only: the format is one we pack and the pixel count is under the limit."""
-    return _or_skip(sample, guard.open_image(data, Limits(max_pixels)))
+    return or_skip(sample, guard.open_image(data, Limits(max_pixels)))
 
 
 def planned(sample: Sample, size: tuple[int, int], resize: Resize, max_pixels: int) -> Plan | Skip:
@@ -48,15 +48,16 @@ def planned(sample: Sample, size: tuple[int, int], resize: Resize, max_pixels: i
     what = f"--resize {resize} of this {size[0]}x{size[1]} image"
     rejected = guard.check_planned([(what, geometry.scaled), (f"the canvas of {what}", geometry.canvas)],
                                    Limits(max_pixels))
-    return geometry if rejected is None else _or_skip(sample, rejected)
+    return geometry if rejected is None else or_skip(sample, rejected)
 
 
 def decode(sample: Sample, image: Image.Image) -> Image.Image | Skip:
     """The image with its pixels loaded, or a corrupt_image Skip (whatever the decoder raised)."""
-    return _or_skip(sample, guard.decode(image))
+    return or_skip(sample, guard.decode(image))
 
 
-def _or_skip(sample: Sample, value: T | Reject) -> T | Skip:
+def or_skip(sample: Sample, value: T | Reject) -> T | Skip:
+    """VALUE, or the guard's Reject as this sample's Skip."""
     return _skip(sample, value.reason, value.detail) if isinstance(value, Reject) else value
 
 

@@ -15,7 +15,7 @@ import simplejpeg
 from PIL import Image, ImageOps, ImageStat
 
 from shardtool.config import Resize
-from shardtool.process.checks import decode, load_bytes, open_header, open_image, planned
+from shardtool.process.checks import decode, load_bytes, open_header, open_image, or_skip, planned
 from shardtool.process.geometry import Plan, plan
 from shardtool.process.guard import Reject, guarded
 from shardtool.sample import Item, Sample, Skip
@@ -53,9 +53,9 @@ def process(item: Item, spec: OutputSpec) -> Item:
             return opened
         image, source_format = opened, opened.format
     upright = orientation(image) in (None, 1)
-    rgb = upright_rgb(image, upright)
-    if isinstance(rgb, Reject):
-        return Skip(rgb.reason, item.key, item.source, rgb.detail, item.group, item.split)
+    rgb = or_skip(item, upright_rgb(image, upright))
+    if isinstance(rgb, Skip):
+        return rgb
     geometry = plan(*rgb.size, spec.resize)
     out = rgb if geometry.identity else apply(rgb, geometry)
     keep = (source_format in ("JPEG", "MPO") and spec.encode == "jpg" or source_format == "PNG" and spec.encode == "png")
