@@ -3,6 +3,7 @@ these with -s (they print what they measured) plus the GPU benchmark rows; see t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from shardtool.config import parse_resize
-from shardtool.process import dali
+from shardtool.process import dali, pil
 from shardtool.process.pil import OutputSpec
 from shardtool.sample import Sample, Skip
 from shardtool.synth import make_shapes
@@ -36,17 +37,29 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_dali
-def test_dali_gpu_packs_64_images_with_one_corrupt_as_exactly_one_skip() -> None:
+def test_dali_gpu_packs_64_jpegs_with_one_corrupt_as_exactly_one_skip(monkeypatch) -> None:
+    """The 63 good JPEGs reach nvJPEG (PNGs would take the PIL path) and come out as the PIL path's pixels."""
+    decoded = []
+    run = dali._run
+    monkeypatch.setattr(dali, "_run", lambda pipe, jobs, backend: decoded.extend(jobs) or run(pipe, jobs, backend))
     items = []
     for i in range(64):
         data = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 40, 3), np.uint8)).save(data, "PNG")
-        items.append(Sample(key=f"k{i}", label="x", group=f"g{i}", source=f"s{i}", data=data.getvalue()))
+        ramp = np.linspace(0, 255, 48 * 40 * 3).reshape(48, 40, 3) + np.random.default_rng(i).normal(0, 8, (48, 40, 3))
+        Image.fromarray(ramp.clip(0, 255).astype(np.uint8)).save(data, "JPEG", quality=90)
+        items.append(Sample(key=f"k{i}", label="x", group=f"g{i}", source=f"s{i}.jpg", data=data.getvalue()))
     whole = items[21].data
     items[21] = items[21].with_(data=whole[: len(whole) // 2])
-    spec = OutputSpec(resize=parse_resize("shorter:20"), encode="jpg", quality=90, max_pixels=10**8, backend="dali-gpu")
+    spec = OutputSpec(resize=parse_resize("shorter:20"), encode="png", quality=90, max_pixels=10**8, backend="dali-gpu")
     results = dali.process_batch(items, spec)
     assert [r.key for r in results if isinstance(r, Skip)] == ["k21"]
+    assert len(decoded) == 63  # every good JPEG went through the GPU pipeline
+    by_pil = pil.process_batch(items, dataclasses.replace(spec, backend="pil"))
+    worst = max(np.abs(np.asarray(Image.open(io.BytesIO(a.data)), np.float32)
+                       - np.asarray(Image.open(io.BytesIO(b.data)), np.float32)).mean()
+                for a, b in zip(results, by_pil) if isinstance(a, Sample))
+    print(f"dali-gpu vs pil on 63 JPEGs resized to 20 px: worst mean difference {worst:.2f}/255")
+    assert worst <= 3.0  # tests/test_dali_backend.py's GPU_TOLERANCE
 
 
 @needs_dali
@@ -76,8 +89,8 @@ def test_dali_loader_batches_on_cuda_match_the_cpu_pipeline(shards: Path) -> Non
 
 
 @pytest.mark.parametrize("flags", [
-    ["--loader", "dali", "--amp", "auto"],
-    ["--loader", "dali", "--amp", "fp16"],
+    pytest.param(["--loader", "dali", "--amp", "auto"], marks=needs_dali),
+    pytest.param(["--loader", "dali", "--amp", "fp16"], marks=needs_dali),
     ["--loader", "torch", "--workers", "2", "--compile", "--channels-last"],
     ["--loader", "auto", "--freeze-epochs", "1"],
 ], ids=["dali-bf16", "dali-fp16", "torch-compile", "freeze"])

@@ -147,3 +147,23 @@ def test_the_loader_s_gpu_decoders_upsample_chroma_as_the_cpu_decoder(monkeypatc
     with pytest.raises(Recorded):
         decode_augment(None, spec, "mixed")
     assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True
+
+
+def test_loader_dali_without_dali_installed_is_one_line(shapes, tmp_path, monkeypatch) -> None:
+    """A GPU box without DALI: `--loader dali` says what to install in one line (was ModuleNotFoundError)."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from tests.conftest import run_cli
+    from trainer.cli import main
+
+    packed = run_cli("pack", shapes, tmp_path / "shards", "--split", "val=0.25", "--workers", "0")
+    assert packed.exit_code == 0, packed.output
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali raises ImportError
+    done = CliRunner().invoke(main, ["fit", str(tmp_path / "shards"), str(tmp_path / "run"), "--model", "tiny_cnn",
+                                     "--weights", "none", "--epochs", "1", "--image-size", "32", "--loader", "dali",
+                                     "--workers", "0"])
+    assert done.exit_code != 0 and isinstance(done.exception, SystemExit), done.output
+    assert done.output.strip().count("\n") == 0 and "--loader dali needs NVIDIA DALI" in done.output, done.output
+    assert "Traceback" not in done.output

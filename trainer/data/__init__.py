@@ -95,6 +95,9 @@ def eval_spec(shards: tuple[Shard, ...], pre: Preprocessing, batch_size: int, **
 def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     """backend: torch | dali | auto (dali when it is installed and a GPU is there, else torch)."""
     if spec_backend(spec, backend) == "dali":
+        if not dali_available():  # only --loader dali gets here without DALI: auto chose torch
+            raise ConfigError("--loader dali needs NVIDIA DALI, which is not installed here: pip install "
+                              "'shardtool[dali]' (or the DALI wheel for this machine's CUDA), or use --loader torch")
         from trainer.data.dali import DaliLoader
 
         if not has_json_members(spec.shards):  # tars written by another tool, indexed by `shardtool index`
@@ -139,6 +142,7 @@ def has_json_members(shards: tuple[Shard, ...]) -> bool:
 
 
 def dali_available() -> bool:
+    """Whether DALI can be imported (find_spec alone would not see a broken install)."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
