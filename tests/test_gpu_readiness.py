@@ -147,6 +147,7 @@ def test_the_loader_s_gpu_decoders_upsample_chroma_as_the_cpu_decoder(monkeypatc
     with pytest.raises(Recorded):
         decode_augment(None, spec, "mixed")
     assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True
+    assert calls[0]["device_memory_padding"] > 0 and calls[0]["host_memory_padding"] > 0
 
 
 def test_loader_dali_without_dali_installed_is_one_line(shapes, tmp_path, monkeypatch) -> None:
@@ -167,3 +168,101 @@ def test_loader_dali_without_dali_installed_is_one_line(shapes, tmp_path, monkey
     assert done.exit_code != 0 and isinstance(done.exception, SystemExit), done.output
     assert done.output.strip().count("\n") == 0 and "--loader dali needs NVIDIA DALI" in done.output, done.output
     assert "Traceback" not in done.output
+
+
+def test_training_reads_its_loss_from_the_device_once_per_interval_and_still_stops_on_nan(monkeypatch) -> None:
+    """A GPU step does not wait for the host: loss and top-1 stay on the device for READ_EVERY steps (here 20),
+    the epoch's sums are what reading each step gave, and a nan loss at batch 27 stops the run at the read
+    after it (batch 40), naming batch 27, before after_step saw batch 40."""
+    from trainer.data import Batch
+    from trainer.errors import TrainError
+    from trainer.loop import Amp, TrainSums, train_one_epoch
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [Batch(torch.randn(4, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator),
+                     [f"k{i}"] * 4, [""] * 4) for i in range(45)]
+
+    def run(batches: list[Batch], read_every: int, seen: list[int]) -> TrainSums:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        sums = train_one_epoch(model, iter(batches), torch.optim.SGD(model.parameters(), lr=0.1),
+                               criterion=torch.nn.CrossEntropyLoss(), amp=Amp(None, "cpu"), set_lr=lambda: None,
+                               mix=None, sums=TrainSums(), start_batch=0, num_batches=len(batches),
+                               on_corrupt="fail", after_step=lambda step: seen.append(step.batch),
+                               read_every=read_every)
+        return sums
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a per-step .item()"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(len(self)) or tolist(self))
+    sums = run(batches, 20, seen := [])
+    assert reads == [20, 20, 5] and seen == list(range(1, 46))
+    each = run(batches, 1, [])
+    assert (sums.loss, sums.correct, sums.seen) == (each.loss, each.correct, each.seen) and sums.seen == 180
+
+    batches[26] = Batch(torch.full((4, 6), float("nan")), batches[26].labels, ["bad"] * 4, [""] * 4)
+    with pytest.raises(TrainError, match="the training loss is nan at batch 27 of the epoch") as caught:
+        run(batches, 20, seen := [])
+    assert "\n" not in str(caught.value) and seen == list(range(1, 40))
+
+
+@pytest.mark.parametrize(("gigabytes", "side", "expected"), [(80, 224, 512), (80, 448, 128), (24, 224, 128),
+                                                              (8, 224, 64), (8, 512, 32)])
+def test_the_default_batch_size_follows_the_gpu_s_memory(monkeypatch, gigabytes: int, side: int, expected: int) -> None:
+    from types import SimpleNamespace
+
+    from trainer.fit import default_batch_size
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gigabytes * 2**30))
+    assert default_batch_size(torch.device("cuda", 0), side) == expected
+    assert default_batch_size(torch.device("cpu"), side) == 32
+
+
+def _wait_for_rank_0(rank: int, port: int, fail: bool, results) -> None:  # a process of the test below
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    from trainer.distributed import from_main
+
+    # a 3 s training group stands in for NCCL's 10 minutes: a barrier there would time out while rank 0 works
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                  timeout=timedelta(seconds=3))
+
+    def probe() -> dict[str, float]:
+        time.sleep(6)
+        if fail:
+            raise ValueError("no labelled samples in val\nsecond line")
+        return {"val": 0.75, "l2": 1e-4}
+
+    try:
+        results.put((rank, "ok", from_main(probe)))
+    except Exception as error:  # what each rank ended with, for the test to read
+        results.put((rank, type(error).__name__, str(error)))
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["result", "failure"])
+def test_under_ddp_the_probe_s_result_reaches_every_rank_past_the_training_group_s_timeout(fail: bool) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_wait_for_rank_0, args=(rank, port, fail, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+    if not fail:
+        assert got == [(0, "ok", {"val": 0.75, "l2": 1e-4}), (1, "ok", {"val": 0.75, "l2": 1e-4})]
+    else:
+        assert got == [(0, "ValueError", "no labelled samples in val\nsecond line"),
+                       (1, "TrainError", "rank 0 failed before training started: no labelled samples in val")]

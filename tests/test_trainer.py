@@ -150,12 +150,13 @@ def test_a_resume_that_would_resolve_auto_settings_differently_is_refused(data: 
     run = tmp_path / "run"
     trainer("fit", data, run, "--epochs", "1", *TINY)
     checkpoint = torch.load(run / "last.pt", weights_only=True)
-    assert checkpoint["state"]["resolved"] == {"loader": "torch", "device": "cpu", "amp": "none", "world": 1}
-    checkpoint["state"]["resolved"] |= {"loader": "dali", "amp": "bfloat16"}  # as if it had run on a GPU box
+    assert checkpoint["state"]["resolved"] == {"loader": "torch", "device": "cpu", "amp": "none", "world": 1,
+                                               "batch_size": 4}
+    checkpoint["state"]["resolved"] |= {"loader": "dali", "amp": "bfloat16", "batch_size": 256}  # as on a GPU box
     torch.save(checkpoint, run / "last.pt")
     refused = trainer("fit", data, run, "--resume", "--epochs", "2", check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "loader dali -> torch, amp bfloat16 -> none" in refused.stderr
+    assert "loader dali -> torch, amp bfloat16 -> none, batch_size 256 -> 4" in refused.stderr
 
 
 def test_more_epochs_on_resume_train_on_at_the_floor_lr_without_a_jump(data: Path, tmp_path: Path) -> None:

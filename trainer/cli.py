@@ -17,7 +17,7 @@ from shardtool.errors import ShardtoolError
 from shardtool.options import Bounded, Device, Output, Range
 from shardtool.readers.common import shown
 from trainer import __version__
-from trainer.config import RANGES, default_workers
+from trainer.config import EVAL_BATCH, RANGES, default_workers
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
 console = Console(soft_wrap=True, highlight=False)
@@ -25,7 +25,9 @@ console = Console(soft_wrap=True, highlight=False)
 HELP = {
     "model": "Backbone: efficientnet_lite0 (offline), tiny_cnn, a torchvision or a timm name.",
     "weights": "imagenet | none | PATH of a state dict (torchvision/timm imagenet weights need the network).",
-    "epochs": "Epochs in all.", "batch_size": "Samples per batch on each process.",
+    "epochs": "Epochs in all.", "batch_size": "Samples per batch on each process [0: from the device: 32 on a CPU; on a GPU 8 per GB of "
+                  "its memory at 224 px, fewer for larger images, a power of 2 from 32 to 512: 512 on an 80 GB card, "
+                  "128 on 24 GB]. --lr is the peak LR whatever the batch.",
     "image_size": "Side the model trains on, 32 to 4096 [0: the model's own].",
     "eval_image_size": "Side for validation, test and predict, 32 to 4096 [0: --image-size]; a little above it often "
                        "scores higher after RandomResizedCrop training (FixRes).", "optimizer": "adamw | sgd.",
@@ -220,7 +222,7 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.argument("ckpt", type=click.Path())
 @click.argument("data")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
+@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True)
 @click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
 @click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
@@ -255,7 +257,7 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
 @click.option("-k", "--top-k", "k", type=Bounded(Range(int, 1)), default=5, show_default=True,
               help="Files: labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
-@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True)
+@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True)
 @click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True,
               help="Shards: decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
@@ -327,7 +329,7 @@ def render_results(results: Any) -> list[Any]:
 @click.option("--check-data", "data", default="",
               help="Also check parity on every image of a split of this shardtool output (else random inputs only).")
 @click.option("--split", default="test", show_default=True, help="Split of --check-data.")
-@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=32, show_default=True)
+@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar (with parity) as JSON.")
 def export(ckpt: str, out: str, fmt: str, data: str, split: str, batch_size: int, as_json: bool) -> None:
     """Export CKPT to OUT (ONNX or TorchScript, dynamic batch axis) and a JSON sidecar OUT.json beside it.
@@ -407,7 +409,7 @@ def serve(model: str, host: str, port: int, max_batch: int, max_wait_ms: float, 
                    "preprocessing, amp, loader and the shards' sha256 match.")
 @click.option("--save", default="", type=Output(),
               help="Write backbone + head to this checkpoint, for trainer evaluate / predict.")
-@click.option("--batch-size", type=Bounded(RANGES["batch_size"]), default=64, show_default=True,
+@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True,
               help="Images per batch while extracting.")
 @click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True, help="Decode processes.")
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))

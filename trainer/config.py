@@ -46,7 +46,7 @@ SEED = Range(int, 0, 2**63 - 1)
 # What each numeric option of `trainer fit` may be (evaluate, predict and probe share theirs): the click type
 # of its flag and FitConfig.validate() (a YAML file, --resume, Python) both read this table
 RANGES = {
-    "epochs": Range(int, 1), "batch_size": Range(int, 1), "image_size": IMAGE_SIDE, "eval_image_size": IMAGE_SIDE,
+    "epochs": Range(int, 1), "batch_size": Range(int, 1, zero=True), "image_size": IMAGE_SIDE, "eval_image_size": IMAGE_SIDE,
     "lr": Range(float, 0, low_open=True), "backbone_lr_mult": Range(float, 0), "weight_decay": Range(float, 0),
     "momentum": Range(float, 0, 1, high_open=True), "warmup_epochs": EPOCHS, "min_lr": FRACTION,
     "freeze_epochs": Range(int, 0), "unfreeze_warmup_epochs": EPOCHS,
@@ -56,6 +56,7 @@ RANGES = {
     "checkpoint_every": Range(int, 0), "seed": SEED, "timeout": Range(float, 0, low_open=True),
     "retries": Range(int, 0), "cache_size": Range(float, 0),
 }
+EVAL_BATCH = Range(int, 1)  # evaluate, predict, probe, export: a batch size, no auto
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class FitConfig:
     model: str = "efficientnet_lite0"
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
     epochs: int = 9  # the README recipe's, chosen on all three datasets of benchmarks/accuracy.py
-    batch_size: int = 32
+    batch_size: int = 0  # per process; 0: from the device (fit.default_batch_size)
     image_size: int = 0  # 0: the model's own input size
     eval_image_size: int = 0  # side for val/test/predict; 0: image_size (FixRes: a bit above it often scores higher)
     optimizer: str = "adamw"  # adamw | sgd

@@ -7,10 +7,18 @@ here, once, by the command line, and passed down as a Dist.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from trainer.errors import TrainError
+
+T = TypeVar("T")
+LONG_WAIT = timedelta(hours=24)  # from_main: how long the other ranks wait for rank 0's work (the probe)
 
 
 @dataclass(frozen=True)
@@ -64,3 +72,31 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+
+def from_main(work: Callable[[], T], timeout: timedelta = LONG_WAIT) -> T:
+    """WORK's result on every rank, run by rank 0 alone while the others wait (the probe, before training).
+
+    They wait in a gloo group of its own with TIMEOUT, not in a barrier of the training group: NCCL's
+    watchdog ends a collective after 10 minutes, and a probe over a large dataset takes longer. When WORK
+    fails on rank 0, the other ranks stop with its one-line reason instead of waiting."""
+    if not dist.is_initialized():
+        return work()
+    group = dist.new_group(backend="gloo", timeout=timeout)  # every rank creates it, here, in the same order
+    message: list[object] = [None]
+    try:
+        if dist.get_rank() == 0:
+            try:
+                message[0] = ("ok", work())
+            except Exception as error:  # sent to the waiting ranks, then raised here as it was
+                message[0] = ("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                dist.broadcast_object_list(message, src=0, group=group)
+                raise
+        dist.broadcast_object_list(message, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    status, value = message[0]  # type: ignore[misc]
+    if status != "ok":
+        raise TrainError(f"rank 0 failed before training started: {value}")
+    return value  # type: ignore[return-value]

@@ -23,7 +23,7 @@ from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_c
 from trainer.config import BACKBONE_WARMUP_STEPS, FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
 from trainer.dataset import Dataset, open_dataset
-from trainer.distributed import Dist, all_sum, any_rank, barrier
+from trainer.distributed import Dist, all_sum, any_rank, barrier, from_main
 from trainer.errors import ConfigError, TrainError
 from trainer.infer import eval_resize
 from trainer.keylog import KeyLog
@@ -90,6 +90,19 @@ def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
     return torch.device(name)
 
 
+BATCH_PER_GB = 8  # samples per GB of GPU memory at 224 px (EfficientNet-Lite0, bf16: not measured on a GPU yet)
+
+
+def default_batch_size(device: torch.device, image_size: int) -> int:
+    """--batch-size 0: 32 on a CPU; on a GPU BATCH_PER_GB per GB of its memory, scaled by (224 / side)^2, the
+    power of 2 below that, from 32 to 512 (an 80 GB card: 512 at 224 px, 128 at 448; 24 GB: 128)."""
+    if device.type != "cuda":
+        return 32
+    gigabytes = torch.cuda.get_device_properties(device).total_memory / 2**30
+    fits = BATCH_PER_GB * gigabytes * (224 / image_size) ** 2
+    return min(512, max(32, 2 ** int(math.log2(max(fits, 1)))))
+
+
 def make_amp(mode: str, device: torch.device) -> Amp:
     """auto: bf16 on a GPU that has it (else fp16 with a scaler); bf16 on a CPU with native bf16 (4x here)."""
     if mode == "auto":
@@ -126,11 +139,12 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
 def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, device: torch.device,
                 split: str, train: bool) -> LoaderSpec:
     pre = preprocessing(config, dataset, model)
-    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
-                      image_size=pre["train_image_size" if train else "image_size"], resize_size=pre["resize_shorter"],
-                      mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
-                      scale=(config.crop_scale, 1.0),
-                      labelled=dataset.labelled(split), num_classes=len(dataset.classes), seed=config.seed, rank=dist.rank, world=dist.world,
+    size = pre["train_image_size" if train else "image_size"]
+    batch_size = config.batch_size or default_batch_size(device, pre["train_image_size"])
+    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=batch_size, image_size=size,
+                      resize_size=pre["resize_shorter"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
+                      scale=(config.crop_scale, 1.0), labelled=dataset.labelled(split),
+                      num_classes=len(dataset.classes), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
                       device=str(device), remote=config.remote)
 
@@ -168,6 +182,8 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
     if not dataset.classes:
         raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to train on")
     device = resolve_device(config.device, dist)
+    if device.type == "cuda":  # every training batch has the same shape: cuDNN picks each layer's fastest kernel once
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
     model = create_model(config.model, len(dataset.classes), config.weights)
     if config.channels_last:
@@ -197,7 +213,8 @@ def resolved(run: Run) -> dict[str, Any]:
     """What the run's auto settings resolved to on this machine: a resume elsewhere must resolve the same."""
     train = loader_spec(run.config, run.dataset, run.model, run.dist, run.device, run.config.train_split, True)
     return {"loader": spec_backend(train, run.config.loader), "device": run.device.type,
-            "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world}
+            "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world,
+            "batch_size": train.batch_size}
 
 
 def check_resolved(run: Run) -> None:
@@ -206,7 +223,7 @@ def check_resolved(run: Run) -> None:
     changed = [f"{k} {then[k]} -> {now[k]}" for k in then if then[k] != now.get(k)]
     if changed:
         raise ConfigError(f"--resume continues a run exactly, and here {', '.join(changed)}: resume where it "
-                          "ran (same loader, device, AMP and number of processes) or start a new OUT")
+                          "ran (same loader, device, AMP, batch size and number of processes) or start a new OUT")
 
 
 def make_ema(module: nn.Module, steps: float) -> AveragedModel:
@@ -287,10 +304,12 @@ def start_from_probe(run: Run) -> None:
     from trainer.probe import fit_probe  # probe.py builds on fit.py's helpers
 
     folder = run.out / "probe"
-    if run.dist.main:
+
+    def probe() -> dict[str, float]:
         result = fit_probe(run.config, folder)
-        run.probe = {role: result[role]["top1"] for role in ("val", "test") if role in result} | {"l2": result["l2"]}
-    barrier()
+        return {role: result[role]["top1"] for role in ("val", "test") if role in result} | {"l2": result["l2"]}
+
+    run.probe = from_main(probe)  # the other ranks wait as long as it takes (not NCCL's 10-minute barrier)
     head = load_checkpoint(folder / "probe.pt")["model"]
     run.model.module.load_state_dict(head)
     if run.ema is not None:  # its copy now holds the starting point, which best.pt's epoch 0 saves below
@@ -371,10 +390,11 @@ def train(run: Run, model: nn.Module, progress: Callable[[int, Step], None]) -> 
         state.step, state.batch = state.step + 1, step.batch
         if run.ema is not None:
             run.ema.update_parameters(run.model.module)
-        state.partial = {k: v for k, v in asdict(sums).items() if k != "skipped"}
         if run.keys is not None:
             run.keys.write(state.epoch, state.step, step.keys)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0 and step.batch < num_batches:
+            step.read()  # the device's sums of the steps since the last read (and their nan/inf check)
+            state.partial = {k: v for k, v in asdict(sums).items() if k != "skipped"}
             save(run, "last.pt")
         progress(state.epoch, step)
 

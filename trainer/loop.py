@@ -3,6 +3,11 @@
 Both take a Loader epoch iterator, so they never know which backend decoded the images. Training
 keeps running sums (loss, correct, seen) in a dict that the checkpoint carries, so a run resumed in
 the middle of an epoch reports the same epoch metrics as one that never stopped.
+
+The loss and the top-1 hits of each step are summed on the device and read every READ_EVERY steps (and
+whenever a checkpoint is due, through Step.read): reading them each step (`loss.item()`) would make the
+host wait for the GPU at every step, with no batch queued behind it. A nan or inf loss still stops the
+run at the next read, before anything saves the weights it made (fit.check_finite guards each save too).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +40,7 @@ class Step:
     seconds: float
     data_seconds: float  # of which waiting for the loader
     keys: list[str] = field(default_factory=list)  # the samples of this batch (train)
+    read: Callable[[], None] = lambda: None  # train: bring the device's sums into TrainSums now (before a save)
 
 
 @dataclass
@@ -58,6 +65,41 @@ class TrainSums:
     data_seconds: float = 0.0
     retries: int = 0  # URL DATA: failed requests retried by the loader (trainer/remote.py)
     resumed: int = 0  # of which transfers resumed from the byte they had reached
+
+
+READ_EVERY = 20  # training steps between reads of the loss from the device (progress, the nan/inf check)
+
+
+class Pending:
+    """Each step's loss and top-1 hits, kept on the device until the next read (one sync per read). Read, they
+    are added to TrainSums step by step as before, so the sums do not depend on when reads happen."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # [loss, hits] per step, on the device
+        self.sizes: list[int] = []
+        self.batches: list[int] = []  # each step's batch of the epoch, 1-based
+
+    @property
+    def samples(self) -> int:
+        return sum(self.sizes)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, batch: int) -> None:
+        self.steps.append(torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()]))
+        self.sizes.append(len(labels))
+        self.batches.append(batch)
+
+    def read_into(self, sums: TrainSums) -> None:
+        """Adds the steps to SUMS; TrainError naming the first batch whose loss is nan or inf."""
+        if not self.steps:
+            return
+        values = torch.stack(self.steps).tolist()
+        for at, (loss, _) in zip(self.batches, values):  # before after_step saves these steps' weights
+            if not math.isfinite(loss):
+                raise TrainError(f"the training loss is {loss} at batch {at} of the epoch: training stopped and "
+                                 "saved nothing of it (best.pt and last.pt keep the last finite weights); lower --lr")
+        for (loss, hits), n in zip(values, self.sizes):
+            sums.loss, sums.correct, sums.seen = sums.loss + loss * n, sums.correct + round(hits), sums.seen + n
+        self.steps, self.sizes, self.batches = [], [], []
 
 
 def timed(batches: Iterator[Batch], sums: TrainSums) -> Iterator[Batch]:
@@ -85,13 +127,15 @@ def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch
                     criterion: nn.Module, amp: Amp, set_lr: Callable[[], None], mix: Callable[..., Any] | None,
                     sums: TrainSums, start_batch: int, num_batches: int, on_corrupt: str,
                     after_step: Callable[[Step], None],
-                    skip_step: Callable[[Batch], bool] = lambda batch: not len(batch)) -> TrainSums:
+                    skip_step: Callable[[Batch], bool] = lambda batch: not len(batch),
+                    read_every: int = READ_EVERY) -> TrainSums:
     """The caller puts MODEL in train mode (fit.set_frozen keeps a frozen backbone's BatchNorm in eval).
 
     A batch whose samples were all corrupt and skipped is no step. Under DDP no rank may step alone (the
     others would wait in backward's all-reduce), so SKIP_STEP is true on every rank when any batch is empty,
     and the samples of the non-empty ones are counted as skipped too.
     """
+    pending = Pending()
     for index, batch in enumerate(timed(batches, sums), start=start_batch):
         start = time.perf_counter()
         check_skips(batch, on_corrupt, sums)
@@ -113,17 +157,14 @@ def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch
         else:
             loss.backward()
             optimizer.step()
-        n, value = len(batch), loss.item()
-        if not math.isfinite(value):  # before after_step, which would save the weights this step made
-            raise TrainError(f"the training loss is {value} at batch {index + 1} of the epoch: training stopped "
-                             "and saved nothing of it (best.pt and last.pt keep the last finite weights); "
-                             "lower --lr")
-        sums.loss += value * n
-        sums.correct += int((logits.argmax(1) == batch.labels).sum())
-        sums.seen += n
+        pending.add(loss, logits, batch.labels, index + 1)
+        if (index + 1) % read_every == 0 or index + 1 == num_batches:
+            pending.read_into(sums)
         sums.seconds += time.perf_counter() - start
-        after_step(Step("train", index + 1, num_batches, sums.seen, sums.loss / max(sums.seen, 1),
-                        sums.seconds + sums.data_seconds, sums.data_seconds, batch.keys))
+        after_step(Step("train", index + 1, num_batches, sums.seen + pending.samples,
+                        sums.loss / max(sums.seen, 1), sums.seconds + sums.data_seconds, sums.data_seconds,
+                        batch.keys, read=partial(pending.read_into, sums)))
+    pending.read_into(sums)  # after a DDP-skipped last batch: nothing is left unread
     return sums
 
 
@@ -133,7 +174,7 @@ def evaluate(model: nn.Module, batches: Iterator[Batch], meter: EvalMeter, *, am
              on_batch: Callable[[Batch, torch.Tensor], None] | None = None) -> dict[str, Any]:
     """Every sample of the split once; metrics reduced across ranks. ON_BATCH sees (batch, probabilities)."""
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    criterion = nn.CrossEntropyLoss(reduction="sum", ignore_index=-1)  # unlabelled (-1) add nothing
     sums = TrainSums()
     for index, batch in enumerate(timed(batches, sums)):
         start = time.perf_counter()
@@ -142,9 +183,7 @@ def evaluate(model: nn.Module, batches: Iterator[Batch], meter: EvalMeter, *, am
             continue
         with amp.autocast():
             logits = model(batch.images).float()
-        labelled = batch.labels >= 0
-        loss = criterion(logits[labelled], batch.labels[labelled]).item() if labelled.any() else 0.0
-        meter.update(logits, batch.labels, loss)
+        meter.update(logits, batch.labels, criterion(logits, batch.labels))  # a 0-d tensor: no sync here
         if on_batch is not None:
             on_batch(batch, logits.softmax(1))
         sums.seen += len(batch)

@@ -21,7 +21,7 @@ import torch
 
 from shardtool.options import check_device, check_output_file, check_output_folder
 from trainer.checkpoint import save_checkpoint
-from trainer.config import RANGES, default_workers
+from trainer.config import EVAL_BATCH, RANGES, default_workers
 from trainer.data import LoaderSpec, resolve_backend
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.errors import ConfigError
@@ -56,8 +56,9 @@ class ProbeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        for name in ("image_size", "batch_size", "workers", "seed"):
+        for name in ("image_size", "workers", "seed"):
             RANGES[name].check("--" + name.replace("_", "-"), getattr(self, name))
+        EVAL_BATCH.check("--batch-size", self.batch_size)
         check_device("--device", self.device)
         check_output_folder("--out", self.out)  # both before any feature is extracted
         check_output_file("--save", self.save)
