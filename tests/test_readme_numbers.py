@@ -1,10 +1,13 @@
-"""Every number in a README table comes from a committed benchmark result, or the table says it is an observation.
+"""Every number in a table of README.md or docs/*.md comes from a committed benchmark result, or the table says
+it is an observation.
 
 A table whose introducing paragraph names `benchmarks/results/NAME.md` (or .json) is checked against NAME.json: each
 number in its cells (the first column, the row's label, aside) must be one of the JSON's numbers as the
 table shows it (rounded to the digits shown; shares and accuracies also as percentages, seconds also as
 minutes). A table that names no results file may hold numbers only when that paragraph calls them an
-observation. Numbers glued to letters (bf16, 512x512, v1.2) are names, not figures.
+observation. Numbers glued to letters (bf16, 512x512, v1.2) are names, not figures. Each page is checked on its
+own (a failure names the page and line); over all pages together more than 100 numbers must have been checked,
+so a table that moves from one page to another is still counted.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"(?<![\w.,])-?\d[\d,]*(?:\.\d+)?(?![\w.]*\w)")  # "1,163-1,494": two numbers
 RESULT = re.compile(r"benchmarks/results/([\w-]+)\.(?:md|json)")
+# Pages whose tables define things rather than measure them (field values, mode bits, byte counts of a format).
+NOT_MEASUREMENTS = {"docs/FORMAT.md": "the shard format's specification: its numbers are field values"}
+PAGES = ["README.md"] + sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").glob("*.md"))
 
 
 def tables(text: str) -> Iterator[tuple[int, str, list[list[str]]]]:
@@ -71,15 +79,16 @@ def backed(token: str, values: set[float]) -> bool:
     return any(abs(round(value * scale, digits) - number) < 1e-9 for value in values for scale in scales)
 
 
-def test_every_number_in_a_readme_table_is_in_its_results_file_or_labelled_an_observation():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def check(page: str) -> tuple[int, list[str]]:
+    """(numbers checked against a results file, problems) for one page."""
+    text = (ROOT / page).read_text(encoding="utf-8")
     problems, checked = [], 0
     for line, intro, rows in tables(text):
         numbers = [token for row in rows for cell in row[1:] for token in NUMBER.findall(cell)]
         named = RESULT.findall(intro)
         if not named:
             if numbers and "observation" not in intro.lower():
-                problems.append(f"README line {line}: a table of numbers that names no benchmarks/results file and "
+                problems.append(f"{page} line {line}: a table of numbers that names no benchmarks/results file and "
                                 "is not labelled an observation")
             continue
         values = {v for name in named for v in leaves(json.loads((ROOT / "benchmarks" / "results" / f"{name}.json")
@@ -87,6 +96,18 @@ def test_every_number_in_a_readme_table_is_in_its_results_file_or_labelled_an_ob
         missing = [token for token in numbers if not backed(token, values)]
         checked += len(numbers)
         if missing:
-            problems.append(f"README line {line} ({', '.join(named)}): not in the results: {', '.join(missing[:8])}")
-    assert checked > 100  # the tables were found and read
+            problems.append(f"{page} line {line} ({', '.join(named)}): not in the results: {', '.join(missing[:8])}")
+    return checked, problems
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page not in NOT_MEASUREMENTS])
+def test_every_number_in_a_table_is_in_its_results_file_or_labelled_an_observation(page):
+    checked, problems = check(page)
+    print(f"{page}: {checked} numbers checked")
     assert not problems, "\n".join(problems)
+
+
+def test_the_tables_were_found_and_read():
+    counts = {page: check(page)[0] for page in PAGES if page not in NOT_MEASUREMENTS}
+    print(", ".join(f"{page}: {count}" for page, count in counts.items()))
+    assert sum(counts.values()) > 100, counts
