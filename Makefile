@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := demo-output
 
-.PHONY: demo test venv browser gpu-check clean
+.PHONY: demo test venv browser gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,20 @@ TEST_ENV = SHARDTOOL_REAL_DATA=$${SHARDTOOL_REAL_DATA:-$(CURDIR)/../shared/data}
 test: venv browser
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-# Everything that needs a GPU (environment, GPU tests, GPU benchmark rows); says so and exits 0 without one.
-gpu-check: venv
-	$(BIN)/python -m benchmarks.gpu_check
+# The GPU box's check (benchmarks/gpu_check.py): no venv, no pip, no network; the Python that runs it needs torch
+# + torchvision (CUDA), numpy, pillow, click, rich, pytest, and the wheels of gpu-wheels/ (copied there with the
+# tree). Without a GPU: make gpu-check GPU_DEVICE=cpu rehearses it (tests/test_gpu_check.py does, in make test).
+GPU_OUT ?= gpu-check-output
+GPU_DEVICE ?= cuda
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_OUT) --device $(GPU_DEVICE)
+
+# The wheels such a box lacks, for its Python (GPU_PYTHON), in files of at most 60 MB: gpu-wheels/core (~46 MB)
+# and DALI's apart in gpu-wheels/dali (~270 MB; DALI=nvidia-dali-cuda120 for CUDA 12, DALI=none to leave it out).
+GPU_PYTHON ?= 3.12
+DALI ?= nvidia-dali-cuda130
+gpu-wheels: venv
+	$(BIN)/python -m benchmarks.gpu_wheels --python-version $(GPU_PYTHON) --dali $(DALI) --out gpu-wheels
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
