@@ -401,7 +401,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--name", default="loader", help="results/NAME.json and .md [loader]; the network rows "
-                                                         "in the README: --name loader-network")
+                                                         "in docs/benchmarks.md: --name loader-network")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """The GPU paths, run: skipped without CUDA (and without DALI where DALI is used). `make gpu-check` runs
-these with -s (they print what they measured) plus the GPU benchmark rows; see the README."""
+these with -s (they print what they measured) plus the GPU benchmark rows; see docs/gpu.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 tars written by another tool (webdataset's ShardWriter) readable by all of them and by `trainer fit`.
 
 Every expectation is our own read of the shards with `tarfile`, in the manifest's order.
-The README's "Reading the shards with ..." snippets are copied from these tests.
+The "Reading the shards with ..." snippets of docs/reading-shards.md are copied from these tests.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def pixels(image: Image.Image | bytes) -> str:
 def read_with_timm(out: Path, split: str) -> list[tuple[Image.Image, int]]:
     import timm.data
 
-    # README: timm
+    # docs/reading-shards.md: timm
     dataset = timm.data.create_dataset("wds/shapes", root=str(out), split=split)  # counts from OUT/_info.json
     assert len(dataset) == manifest_of(out)["splits"][split]["num_samples"]  # no scan: _info.json says it
     return list(dataset)
@@ -101,7 +101,7 @@ def check_timm(out: Path, name: str) -> None:
 def check_wids(out: Path, name: str, tmp_path: Path, picks: int = 25) -> None:
     wids = pytest.importorskip("wids")
     for split in manifest_of(out)["splits"]:
-        # README: wids
+        # docs/reading-shards.md: wids
         dataset = wids.ShardListDataset(str(out / f"{split}.wids.json"), cache_dir=str(tmp_path / "wids"))
         ours = our_samples(out, split)
         assert len(dataset) == len(ours)
@@ -118,7 +118,7 @@ def check_hf(out: Path, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = manifest_of(out)
-    # README: datasets
+    # docs/reading-shards.md: datasets
     files = {split: [str(out / s["name"]) for s in entry["shards"]] for split, entry in manifest["splits"].items()}
     read = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(tmp_path / "hf"))
     for split in manifest["splits"]:
