@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import add_ratio, emit, other_venv, real_data, rel, row, timed_run, tool
+from shardtool.cpus import usable_cpus
 
 CONVERT = """
 import sys
@@ -117,9 +118,10 @@ def img2dataset_argv(command: str, urls: Path, size: int, cores: int) -> Argv:
                         "--processes_count", str(cores), "--thread_count", "4", "--enable_wandb", "False"]
 
 
-def runs(source: Path, size: int, urls: Path, cores: int) -> tuple[list[tuple[str, Argv, dict[str, str] | None]],
-                                                                     list[str]]:
-    """(row name, argv for an OUT, env) per measured configuration, and notes on rows left out."""
+def runs(source: Path, size: int, urls: Path, cores: int, wanted: set[str] | None = None
+         ) -> tuple[list[tuple[str, Argv, dict[str, str] | None]], list[str]]:
+    """(row name, argv for an OUT, env) per measured configuration, and notes on rows left out. The other
+    virtualenv (built and pip-installed on first use) only when WANTED (None: every row) has img2dataset."""
     def shardtool(backend: str, *extra: str) -> Argv:
         return lambda out: [tool("shardtool"), "pack", str(source), str(out), "--backend", backend, *extra]
 
@@ -133,7 +135,7 @@ def runs(source: Path, size: int, urls: Path, cores: int) -> tuple[list[tuple[st
                  ("shardtool-dali-passthrough", shardtool("dali"), None)]
     else:
         notes.append("shardtool-dali-*: not measured, nvidia-dali is not installed (pip install -e '.[dali]')")
-    bin_dir, why_not = other_venv()
+    bin_dir, why_not = other_venv() if wanted is None or "img2dataset" in wanted else (None, "not asked for")
     if bin_dir:
         rows.append(("img2dataset", img2dataset_argv(str(bin_dir / "img2dataset"), urls, size, cores), I2D_ENV))
     else:
@@ -170,12 +172,13 @@ def main() -> None:
     if not photos:
         print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
         return
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()  # what the pool rows may use (affinity, CFS quota), not the host's count
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:
-        rows, notes = runs(args.source, args.size, url_list(photos, args.source, work), cores)
-        if args.rows:
-            wanted = args.rows.split(",")
+        wanted = args.rows.split(",") if args.rows else None
+        rows, notes = runs(args.source, args.size, url_list(photos, args.source, work), cores,
+                           None if wanted is None else set(wanted))
+        if wanted:
             if unknown := set(wanted) - {name for name, _, _ in rows}:
                 sys.exit(f"unknown or unavailable rows: {', '.join(sorted(unknown))} "
                          f"(here: {', '.join(name for name, _, _ in rows)})")
