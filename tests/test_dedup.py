@@ -15,6 +15,7 @@ import bson  # pymongo's
 import numpy as np
 import pytest
 
+from benchmarks.common import rel
 from shardtool.dedup import DigestSet
 from shardtool.manifest import load_manifest, parse_manifest
 from shardtool.synth import make_shapes
@@ -291,3 +292,31 @@ def test_a_rerun_with_another_dedup_mode_is_refused(leaky, tmp_path, cli):
     pack(cli, leaky, out)
     assert_config_error(cli("pack", leaky, out, "--shard-size", "4", "--workers", "0", "--dedup", "drop-leaks"),
                         "already holds a different dataset")
+
+
+def test_the_benchmark_script_writes_each_dataset_s_counts(tmp_path):
+    """benchmarks/dedup.py end to end on a stand-in for the shared data: a 3-product dump, one picture twice."""
+    import os
+    import subprocess
+    import sys
+
+    root, results = tmp_path / "data", tmp_path / "results"
+    (root / "cdiscount").mkdir(parents=True)
+    (root / "cdiscount" / "category_names.csv").write_text("category_id,category_level1,category_level2,category_level3\n"
+                                                           "1,A,B,C\n2,A,B,D\n")
+    docs = [{"_id": 1, "category_id": 1, "imgs": [{"picture": jpeg_bytes(1)}, {"picture": jpeg_bytes(1)}]},
+            {"_id": 2, "category_id": 2, "imgs": [{"picture": jpeg_bytes(2)}]},
+            {"_id": 3, "category_id": 2, "imgs": [{"picture": jpeg_bytes(3)}]}]
+    (root / "cdiscount" / "train_example.bson").write_bytes(b"".join(bson.encode(doc) for doc in docs))
+    env = os.environ | {"SHARDTOOL_REAL_DATA": str(root), "BENCHMARK_RESULTS": str(results)}
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dedup", "--datasets", "cdiscount,clothing-small", "--json"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = json.loads((results / "dedup.json").read_text())
+    (row,) = written["results"]
+    assert (row["name"], row["seen"], row["written"], row["groups"], row["pictures"]) == ("cdiscount", 4, 4, 1, 2)
+    assert row["example"] == "train:1_0 = train:1_1" and row["command"].startswith("shardtool pack ")
+    assert written["notes"] == [f"clothing-small: not measured, no {rel(root / 'clothing-small')}"]
+    assert written["settings"]["date"] and "commit" in written["machine"]
