@@ -36,7 +36,7 @@ import numpy as np
 from shardtool.config import DEDUP_MODES
 from shardtool.manifest import split_order, write_json_atomic
 from shardtool.process.checks import load_bytes
-from shardtool.sample import Item, Picture, Skip
+from shardtool.sample import Item, Picture, Sample, Skip
 from shardtool.sink import Encoded, Run
 
 MODES = DEDUP_MODES  # keep (report only), drop-within, drop-leaks, drop-both
@@ -55,18 +55,15 @@ def digest(data: bytes) -> str:
 
 def read_inputs(items: list[Item], max_pixels: int) -> tuple[list[Item], list[str | None]]:
     """In a worker: each sample with its bytes loaded (read from its file when the reader gave a path: the
-    processor then has them and reads nothing again), and the digest of those bytes; Skips pass as they are."""
+    processor then has them and reads nothing again), and the digest of those bytes; Skips pass as they are.
+    Bytes the reader gave (a BSON picture, a pixel row) are hashed as they are: the processor checks them."""
     loaded: list[Item] = []
-    digests: list[str | None] = []
     for item in items:
-        data = item if isinstance(item, Skip) else load_bytes(item, max_pixels)
-        if isinstance(data, Skip):
-            loaded.append(data)
-            digests.append(None)
-        else:
-            loaded.append(item.with_(data=data, path=None))
-            digests.append(digest(data))
-    return loaded, digests
+        if isinstance(item, Sample) and item.data is None:  # a path: read here, once
+            data = load_bytes(item, max_pixels)
+            item = data if isinstance(data, Skip) else item.with_(data=data, path=None)
+        loaded.append(item)
+    return loaded, [digest(item.data or b"") if isinstance(item, Sample) else None for item in loaded]
 
 
 def phases(mode: str) -> list[str | None]:
