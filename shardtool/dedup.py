@@ -41,7 +41,7 @@ from shardtool.sink import Encoded, Run
 
 MODES = DEDUP_MODES  # keep (report only), drop-within, drop-leaks, drop-both
 DROPPED = ("duplicate", "leak")  # the skip reasons --dedup gives: asked for, so not held against --max-skip-fraction
-TRAIN = "train"  # the split that drop-leaks compares the others with, and never drops from
+TRAIN_NAMES = ("train", "training")  # the split drop-leaks compares the others with (any case), never drops from
 NAME = "duplicates.json"
 HASH = "sha256 of each input's bytes, first 128 bits"
 EXAMPLES = 5
@@ -72,7 +72,7 @@ def phases(mode: str) -> list[str | None]:
 
 
 def in_phase(item: Item, phase: str | None) -> bool:
-    return phase is None or ((item.split or TRAIN) == TRAIN) == (phase == "train")
+    return phase is None or is_train(item.split or "train") == (phase == "train")
 
 
 class DigestSet:
@@ -102,16 +102,21 @@ class DigestSet:
         return True
 
 
+def is_train(split: str) -> bool:
+    """The split drop-leaks compares the others with and never drops from: train (Train, training...)."""
+    return split.lower() in TRAIN_NAMES
+
+
 class Dedup:
     """The writer's side of --dedup MODE: which pictures of a Run to drop, from the digests seen before."""
 
     def __init__(self, mode: str) -> None:
         self.within = mode in ("drop-within", "drop-both")
         self.leaks = mode in ("drop-leaks", "drop-both")
-        self.seen: dict[str, DigestSet] = {}
+        self.seen: dict[str, DigestSet] = {}  # per split: every split with drop-within, train's with drop-leaks
 
     def _tracks(self, split: str) -> bool:
-        return self.within or (self.leaks and split == TRAIN)
+        return self.within or (self.leaks and is_train(split))
 
     def restore(self, records: Iterable[dict[str, Any]]) -> None:
         """What a resumed pack's journal says was seen already (written, or dropped as a duplicate)."""
@@ -121,7 +126,7 @@ class Dedup:
             if self._tracks(record["split"]):
                 seen = self.seen.setdefault(record["split"], DigestSet())
                 for entry in record.get("pictures", ()):
-                    if entry[4:] != ["leak"]:
+                    if Picture.parse(entry)[1] != "leak":
                         seen.add(bytes.fromhex(entry[0]))
 
     def check(self, run: Run) -> None:
@@ -130,24 +135,26 @@ class Dedup:
             return
         for i, entry in enumerate(run.entries):
             if isinstance(entry, Encoded) and entry.picture is not None:
-                reason = self._reason(entry.split, bytes.fromhex(entry.picture.digest))
+                reason, where = self._reason(entry.split, bytes.fromhex(entry.picture.digest))
                 if reason:
-                    run.entries[i] = dropped(entry, reason)
+                    run.entries[i] = dropped(entry.picture, entry.split, reason, where)
 
-    def _reason(self, split: str, raw: bytes) -> str:
-        if self.leaks and split != TRAIN and TRAIN in self.seen and raw in self.seen[TRAIN]:
-            return "leak"
+    def _reason(self, split: str, raw: bytes) -> tuple[str, str]:
+        """(why the picture is dropped, the split that has its bytes already), ("", "") to keep it."""
+        if self.leaks and not is_train(split):
+            for other, seen in self.seen.items():
+                if is_train(other) and raw in seen:
+                    return "leak", other
         if self._tracks(split) and not self.seen.setdefault(split, DigestSet()).add(raw) and self.within:
-            return "duplicate"
-        return ""
+            return "duplicate", split
+        return "", ""
 
 
-def dropped(entry: Encoded, reason: str) -> Skip:
-    picture = entry.picture
-    assert picture is not None  # (check() only drops samples with a digest)
-    where = f"a picture of {TRAIN}" if reason == "leak" else f"an earlier picture of {entry.split}"
-    return Skip(reason, picture.key, picture.source, f"same bytes as {where} (sha256 {picture.digest[:12]}...)",
-                picture.group, entry.split, picture.digest)
+def dropped(picture: Picture, split: str, reason: str, where: str) -> Skip:
+    """The Skip of a picture --dedup dropped, with its digest (the sink journals it: the report counts it)."""
+    earlier = "a picture of" if reason == "leak" else "an earlier picture of"
+    detail = f"same bytes as {earlier} {where} (sha256 {picture.digest[:12]}...)"
+    return Skip(reason, picture.key, picture.source, detail, picture.group, split, picture.digest)
 
 
 def _pictures(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, int, Picture, str]]:

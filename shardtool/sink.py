@@ -4,7 +4,8 @@ Workers hand the writer Runs: a stretch of the source's items, in order, each sa
 final tar bytes, so the writer only cuts shards and appends. A shard exists for a later run only
 once its journal line is written; a re-run with the same command skips the inputs those lines
 account for and continues with the next shard index, so the result is byte-identical to an
-uninterrupted run.
+uninterrupted run. A line also lists its pictures with the digests of their input bytes (and those
+--dedup dropped), so the duplicate report and a resumed run's drops come from the journal alone.
 """
 
 from __future__ import annotations

@@ -320,3 +320,20 @@ def test_the_benchmark_script_writes_each_dataset_s_counts(tmp_path):
     assert row["example"] == "train:1_0 = train:1_1" and row["command"].startswith("shardtool pack ")
     assert written["notes"] == [f"clothing-small: not measured, no {rel(root / 'clothing-small')}"]
     assert written["settings"]["date"] and "commit" in written["machine"]
+
+
+def test_drop_leaks_knows_a_train_folder_by_any_case(tmp_path, cli):
+    """Given split folders are kept as named (Train/, Test/): the training split is still the reference."""
+    source = tmp_path / "src"
+    for split, seeds in (("Train", [1, 2, 3]), ("Test", [3, 4])):
+        (source / split / "cat").mkdir(parents=True)
+        for seed in seeds:
+            (source / split / "cat" / f"{seed}.jpg").write_bytes(jpeg_bytes(seed))
+
+    report = pack(cli, source, tmp_path / "out", "--dedup", "drop-leaks")
+
+    assert report["skips"]["leak"]["count"] == 1
+    assert report["skips"]["leak"]["examples"][0]["source"] == "Test/cat/3.jpg"
+    assert "same bytes as a picture of Train" in report["skips"]["leak"]["examples"][0]["detail"]
+    assert written_sources(tmp_path / "out") == Counter({("Train", f"Train/cat/{i}.jpg"): 1 for i in (1, 2, 3)}
+                                                        | {("Test", "Test/cat/4.jpg"): 1})
