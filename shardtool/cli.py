@@ -108,10 +108,11 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
               help="shuffled: write each split in a seeded random order (a product's pictures kept together), "
                    "so every stretch of a shard is a fair sample; source: in the source's order.")
 @click.option("--dedup", default="keep", show_default=True, type=click.Choice(DEDUP_MODES),
-              help="Pictures with the same bytes (sha256), always reported (OUT/duplicates.json): keep them; "
-                   "drop-within: keep the first of each group in a split (skips: duplicate); drop-leaks: drop "
-                   "from the other splits every picture train has (skips: leak; train is written first); "
-                   "drop-both. Dropped pictures do not count against --max-skip-fraction.")
+              help="Pictures with the same bytes (sha256) are always reported (OUT/duplicates.json). keep: write "
+                   "them all; drop-within: keep the first (in the pack order) of each group within a split, skip "
+                   "the rest (duplicate); drop-leaks: skip each picture of val, test or any other split whose bytes "
+                   "train has (leak; train is packed first, never dropped from); drop-both: both. Dropped pictures "
+                   "are skips that do not count against --max-skip-fraction.")
 @click.option("--shard-size", type=Bounded(RANGES["shard_size"]), default=1000, show_default=True,
               help="Samples per shard, at most.")
 @click.option("--shard-bytes", type=Bounded(RANGES["shard_bytes"]),
@@ -124,7 +125,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--staging", type=click.Path(), help="OUT a URL (s3://bucket/prefix, ...): local folder for the journal "
                                                    "and the shards on their way [~/.cache/shardtool/staging/...].")
 @click.option("--max-skip-fraction", type=Bounded(RANGES["max_skip_fraction"]), default=0.01, show_default=True,
-              help="Fail when more inputs than this are skipped.")
+              help="Fail when more inputs than this are skipped (pictures --dedup drops aside).")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None,
