@@ -196,7 +196,7 @@ def duplicate_groups(records: Iterable[dict[str, Any]], repeated: set[str]) -> l
 
 
 def summarize(groups: list[dict[str, Any]], splits: list[str]) -> dict[str, Any]:
-    """The counts of report.duplicates (docs/FORMAT.md) from the groups."""
+    """The counts of report.duplicates (docs/packing-duplicates.md) from the groups."""
     within = {split: {"groups": 0, "copies": 0, "other_groups": 0, "left": 0} for split in splits}
     across = {pair: {"groups": 0, "pictures": 0, "other_groups": 0, "left": 0} for pair in combinations(splits, 2)}
     dropped: dict[str, int] = {reason: 0 for reason in DROPPED}

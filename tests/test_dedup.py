@@ -337,3 +337,19 @@ def test_drop_leaks_knows_a_train_folder_by_any_case(tmp_path, cli):
     assert "same bytes as a picture of Train" in report["skips"]["leak"]["examples"][0]["detail"]
     assert written_sources(tmp_path / "out") == Counter({("Train", f"Train/cat/{i}.jpg"): 1 for i in (1, 2, 3)}
                                                         | {("Test", "Test/cat/4.jpg"): 1})
+
+
+def test_every_number_in_the_duplicates_page_table_is_in_its_results_file():
+    """docs/packing-duplicates.md's measured table, held to results/dedup.json as README tables are."""
+    from tests.test_readme_numbers import NUMBER, RESULT, backed, leaves, tables
+
+    root = Path(__file__).resolve().parents[1]
+    measured = [(intro, rows) for _, intro, rows in tables((root / "docs" / "packing-duplicates.md").read_text())
+                if RESULT.findall(intro)]
+    assert len(measured) == 1
+    intro, rows = measured[0]
+    values = set(leaves(json.loads((root / "benchmarks" / "results" / "dedup.json").read_text())))
+    numbers = [token for row in rows for cell in row[1:] for token in NUMBER.findall(cell)]
+    assert len(numbers) > 30 and [token for token in numbers if not backed(token, values)] == []
+    assert [row[0] for row in rows] == [r["name"] for r in json.loads(
+        (root / "benchmarks" / "results" / "dedup.json").read_text())["results"]]
