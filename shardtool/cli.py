@@ -134,8 +134,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
          split_text: str, stratify: bool, seed: int, order: str, dedup: str, shard_size: int, shard_bytes: int | None,
-         workers: int | None, distributor: str, ray_address: str | None, staging: str | None, max_skip_fraction: float, overwrite: bool,
-         as_json: bool) -> None:
+         workers: int | None, distributor: str, ray_address: str | None, staging: str | None,
+         max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
     """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT, a folder or
     an fsspec URL (s3://bucket/prefix, gs://..., file://...)."""
     from shardtool.pack import pack as run_pack
@@ -277,17 +277,17 @@ def _ignored_line(ignored: dict[str, Any]) -> str:
 def _duplicates_table(duplicates: dict[str, Any], out: str) -> Table:
     """Groups of pictures with the same bytes, within each split and across each pair of splits."""
     table = Table(title=f"{duplicates['groups']:,} groups of pictures with the same bytes ({duplicates['pictures']:,} "
-                        f"pictures; every group in {out}/{duplicates['file']})")
+                        f"pictures; every group in {escape(out)}/{duplicates['file']})")
     for column in ("where", "groups", "pictures", "of other groups", "left"):
         table.add_column(column, justify="left" if column == "where" else "right")
     for split, counts in duplicates["exact_within"].items():
         if counts["groups"]:
-            table.add_row(f"within {split}", f"{counts['groups']:,}", f"{counts['copies']:,} extra copies",
+            table.add_row(f"within {escape(split)}", f"{counts['groups']:,}", f"{counts['copies']:,} extra copies",
                           f"{counts['other_groups']:,}", f"{counts['left']:,}")
     for pair, counts in duplicates["exact_across"].items():
         if counts["groups"]:
-            second = pair.split("/")[-1]
-            table.add_row(f"across {pair}", f"{counts['groups']:,}", f"{counts['pictures']:,} in {second}",
+            second = escape(pair.split("/")[-1])
+            table.add_row(f"across {escape(pair)}", f"{counts['groups']:,}", f"{counts['pictures']:,} in {second}",
                           f"{counts['other_groups']:,}", f"{counts['left']:,}")
     return table
 

@@ -302,16 +302,16 @@ def test_the_benchmark_script_writes_each_dataset_s_counts(tmp_path):
 
     root, results = tmp_path / "data", tmp_path / "results"
     (root / "cdiscount").mkdir(parents=True)
-    (root / "cdiscount" / "category_names.csv").write_text("category_id,category_level1,category_level2,category_level3\n"
-                                                           "1,A,B,C\n2,A,B,D\n")
+    (root / "cdiscount" / "category_names.csv").write_text(
+        "category_id,category_level1,category_level2,category_level3\n1,A,B,C\n2,A,B,D\n")
     docs = [{"_id": 1, "category_id": 1, "imgs": [{"picture": jpeg_bytes(1)}, {"picture": jpeg_bytes(1)}]},
             {"_id": 2, "category_id": 2, "imgs": [{"picture": jpeg_bytes(2)}]},
             {"_id": 3, "category_id": 2, "imgs": [{"picture": jpeg_bytes(3)}]}]
     (root / "cdiscount" / "train_example.bson").write_bytes(b"".join(bson.encode(doc) for doc in docs))
     env = os.environ | {"SHARDTOOL_REAL_DATA": str(root), "BENCHMARK_RESULTS": str(results)}
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.dedup", "--datasets", "cdiscount,clothing-small", "--json"],
-                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dedup", "--datasets", "cdiscount,clothing-small",
+                           "--json"], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
 
     assert done.returncode == 0, done.stderr[-2000:]
     written = json.loads((results / "dedup.json").read_text())
