@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shardtool import __version__
-from shardtool.config import MAX_PIXELS, RANGES, CsvOptions, PackConfig, parse_resize, parse_shape, parse_split
+from shardtool.config import (DEDUP_MODES, MAX_PIXELS, RANGES, CsvOptions, PackConfig, parse_resize, parse_shape,
+                              parse_split)
 from shardtool.errors import ShardtoolError
 from shardtool.options import Bounded, Output, Range
 from shardtool.readers.common import shown
@@ -106,6 +107,12 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--order", default="shuffled", show_default=True, type=click.Choice(["shuffled", "source"]),
               help="shuffled: write each split in a seeded random order (a product's pictures kept together), "
                    "so every stretch of a shard is a fair sample; source: in the source's order.")
+@click.option("--dedup", default="keep", show_default=True, type=click.Choice(DEDUP_MODES),
+              help="Pictures with the same bytes (sha256) are always reported (OUT/duplicates.json). keep: write "
+                   "them all; drop-within: keep the first (in the pack order) of each group within a split, skip "
+                   "the rest (duplicate); drop-leaks: skip each picture of val, test or any other split whose bytes "
+                   "train has (leak; train is packed first, never dropped from); drop-both: both. Dropped pictures "
+                   "are skips that do not count against --max-skip-fraction.")
 @click.option("--shard-size", type=Bounded(RANGES["shard_size"]), default=1000, show_default=True,
               help="Samples per shard, at most.")
 @click.option("--shard-bytes", type=Bounded(RANGES["shard_bytes"]),
@@ -118,7 +125,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | No
 @click.option("--staging", type=click.Path(), help="OUT a URL (s3://bucket/prefix, ...): local folder for the journal "
                                                    "and the shards on their way [~/.cache/shardtool/staging/...].")
 @click.option("--max-skip-fraction", type=Bounded(RANGES["max_skip_fraction"]), default=0.01, show_default=True,
-              help="Fail when more inputs than this are skipped.")
+              help="Fail when more inputs than this are skipped (pictures --dedup drops aside).")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 def pack(source: str, out: str, fmt: str, categories: str | None, images: str | None, image_col: str | None,
@@ -126,9 +133,9 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
          group_col: str | None, split_col: str | None, numeric_cols: tuple[str, ...], encoding: str,
          shape: str | None, channel_order: str, resize: str, encode: str, verify: str, backend: str, quality: int,
          max_pixels: int,
-         split_text: str, stratify: bool, seed: int, order: str, shard_size: int, shard_bytes: int | None, workers: int | None,
-         distributor: str, ray_address: str | None, staging: str | None, max_skip_fraction: float, overwrite: bool,
-         as_json: bool) -> None:
+         split_text: str, stratify: bool, seed: int, order: str, dedup: str, shard_size: int, shard_bytes: int | None,
+         workers: int | None, distributor: str, ray_address: str | None, staging: str | None,
+         max_skip_fraction: float, overwrite: bool, as_json: bool) -> None:
     """Pack SOURCE (class folders, a CSV manifest, a pixel CSV or a BSON dump) into shards in OUT, a folder or
     an fsspec URL (s3://bucket/prefix, gs://..., file://...)."""
     from shardtool.pack import pack as run_pack
@@ -146,8 +153,8 @@ def pack(source: str, out: str, fmt: str, categories: str | None, images: str | 
     config = PackConfig(source=source, out=out, format=fmt, csv=csv, categories=categories,
                         resize=parse_resize(resize), encode=encode, verify=verify, backend=backend,
                         quality=quality, max_pixels=max_pixels, split=parse_split(split_text), stratify=stratify,
-                        seed=seed, order=order, shard_size=shard_size, shard_bytes=shard_bytes, workers=workers,
-                        distributor=distributor, ray_address=ray_address, publish=publish,
+                        seed=seed, order=order, dedup=dedup, shard_size=shard_size, shard_bytes=shard_bytes,
+                        workers=workers, distributor=distributor, ray_address=ray_address, publish=publish,
                         max_skip_fraction=max_skip_fraction, overwrite=overwrite)
     columns = [TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"),
                TextColumn("written {task.fields[written]} skipped {task.fields[skipped]}"), TimeRemainingColumn()]
@@ -180,7 +187,7 @@ def inspect(out: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest.data, indent=1, ensure_ascii=False))
     else:
-        render_inspect(manifest.data)
+        render_inspect(manifest.data, out)
 
 
 @main.command(cls=Command)
@@ -267,11 +274,40 @@ def _ignored_line(ignored: dict[str, Any]) -> str:
     return f"ignored {ignored['count']} entries that are not samples ({reasons})"
 
 
+def _duplicates_table(duplicates: dict[str, Any], out: str) -> Table:
+    """Groups of pictures with the same bytes, within each split and across each pair of splits."""
+    table = Table(title=f"{duplicates['groups']:,} groups of pictures with the same bytes ({duplicates['pictures']:,} "
+                        f"pictures; every group in {escape(out)}/{duplicates['file']})")
+    for column in ("where", "groups", "pictures", "of other groups", "left"):
+        table.add_column(column, justify="left" if column == "where" else "right")
+    for split, counts in duplicates["exact_within"].items():
+        if counts["groups"]:
+            table.add_row(f"within {escape(split)}", f"{counts['groups']:,}", f"{counts['copies']:,} extra copies",
+                          f"{counts['other_groups']:,}", f"{counts['left']:,}")
+    for pair, counts in duplicates["exact_across"].items():
+        if counts["groups"]:
+            second = escape(pair.split("/")[-1])
+            table.add_row(f"across {escape(pair)}", f"{counts['groups']:,}", f"{counts['pictures']:,} in {second}",
+                          f"{counts['other_groups']:,}", f"{counts['left']:,}")
+    return table
+
+
+def _duplicates_lines(duplicates: dict[str, Any] | None, out: str) -> list[Any]:
+    if duplicates is None:  # a manifest from before duplicates were reported
+        return []
+    if not duplicates["groups"]:
+        return [f"no two pictures have the same bytes ({duplicates['hash']})"]
+    examples = "; ".join(" = ".join(escape(key) for key in group) for group in duplicates["examples"][:3])
+    return [_duplicates_table(duplicates, out), f"e.g. {examples}"]
+
+
 def render_pack(manifest: dict[str, Any], out: str) -> None:
     report = manifest["report"]
     console.print(_splits_table(manifest))
     if report["skips"]:
         console.print(_skips_table(report))
+    for line in _duplicates_lines(report.get("duplicates"), out):
+        console.print(line)
     if report["ignored"]["count"]:
         console.print(_ignored_line(report["ignored"]), markup=False)
     norm = manifest["normalization"]
@@ -296,7 +332,7 @@ def _classes_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
-def render_inspect(manifest: dict[str, Any]) -> None:
+def render_inspect(manifest: dict[str, Any], out: str) -> None:
     console.print(f"{manifest['created_by']} from {manifest['source']['path']} ({manifest['source']['format']})",
                   markup=False)
     console.print(_splits_table(manifest))
@@ -306,6 +342,8 @@ def render_inspect(manifest: dict[str, Any]) -> None:
         console.print("no labels (an unlabelled source): samples keep their group, e.g. _id, for predictions")
     if manifest["report"]["skips"]:
         console.print(_skips_table(manifest["report"]))
+    for line in _duplicates_lines(manifest["report"].get("duplicates"), out):
+        console.print(line)
     norm = manifest["normalization"]
     console.print(f"normalisation from {', '.join(norm['from'])}: mean {norm.get('mean')} std {norm.get('std')}",
                   markup=False)

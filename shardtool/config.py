@@ -19,6 +19,7 @@ VERIFY_MODES = ("full", "header")
 ENCODINGS = ("auto", "jpg", "png")
 BACKENDS = ("auto", "dali", "pil")
 ORDERS = ("shuffled", "source")  # see order.py
+DEDUP_MODES = ("keep", "drop-within", "drop-leaks", "drop-both")  # see dedup.py
 
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit: pack's --max-pixels and trainer's default
@@ -130,6 +131,7 @@ class PackConfig:
     stratify: bool = False
     seed: int = 0
     order: str = "shuffled"  # shuffled | source: the order samples are written in (order.py)
+    dedup: str = "keep"  # pictures with the same bytes: reported only, or dropped (dedup.py)
     shard_size: int = 1000
     shard_bytes: int | None = None
     workers: int | None = None  # None: decided by timing the first batches (see parallel.py)
@@ -156,6 +158,8 @@ class PackConfig:
             raise ConfigError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
         if self.order not in ORDERS:
             raise ConfigError(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
+        if self.dedup not in DEDUP_MODES:
+            raise ConfigError(f"--dedup {self.dedup!r} is not one of {', '.join(DEDUP_MODES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.categories is not None and not Path(self.categories).is_file():

@@ -1,4 +1,5 @@
-"""The resume journal: OUT/.shardtool/journal.jsonl, one line per finished shard (and per tail of skips).
+"""The resume journal: OUT/.shardtool/journal.jsonl, one line per finished shard (and per tail of skips),
+each listing the digests of the pictures it accounts for (`pictures`, for the duplicate report: dedup.py).
 
 The identity of the run (source + every option that changes the bytes) sits beside it in run.json;
 a journal from a different run is never resumed. Only the resume point of each split is held in

@@ -5,12 +5,14 @@
     items = ordered(items, config.order, seed)   # the pack order: groups permuted (order.py), or the source's
     items = assign_splits(items, splitter)       # every item knows its split
     items = skip_done(items, journal.consumed()) # a resumed run skips what its journal accounts for
-    runs = ordered_map(encode_batch, items)      # worker processes: decode, RGB, resize (PIL or DALI), encode,
-                                                 # tar members: a Run per batch (sink.py)
+    runs = ordered_map(encode_batch, items)      # worker processes: read and hash the bytes (dedup.py), decode,
+                                                 # RGB, resize (PIL or DALI), encode, tar members: a Run per batch
 For a reader with byte-range partitions (a BSON dump) the workers do the reading and the splits too
 (a few permuted ranges per task, their products mixed), and a resumed run's finished items are
 dropped after them (see packed_runs).
-    for run in runs: for each stretch of one split: sinks[split].add(stretch, run.data)
+    for run in runs: dedup.check(run)            # --dedup: drop pictures whose bytes came before (dedup.py)
+        for each stretch of one split: sinks[split].add(stretch, run.data)
+With --dedup drop-leaks (or drop-both) the plan runs twice, train's items first, then the other splits'.
 
 The workers are local processes (parallel.Workers) or, with --distributor ray, Ray tasks
 (ray_workers.RayWorkers); either way the Runs come back in order to this one writer, so the bytes do
@@ -37,6 +39,8 @@ from shardtool import __version__
 from shardtool.background import Background
 from shardtool.classes import Categories, class_entries, hierarchy, known_categories, read_categories
 from shardtool.config import PackConfig
+from shardtool.dedup import NAME as DUPLICATES
+from shardtool.dedup import DROPPED, Dedup, find_duplicates, in_phase, phases, read_inputs, write_duplicates
 from shardtool.errors import ConfigError, PackError
 from shardtool.journal import Journal
 from shardtool.listing import Listing
@@ -56,7 +60,8 @@ from shardtool.splits import Resumed, Splitter, assign_splits, skip_done, unit_h
 
 PARALLEL_SCAN_BYTES = 256 << 20  # auto: smaller dumps are scanned in-process (see _scan_in_workers)
 SEALS = 16  # finished shards that may wait for their fsync (page cache, not our memory)
-_OURS = re.compile(rf"(dataset\.json|rejects\.jsonl|\.shardtool|.+-\d{{6}}\.(tar|idx)|{SIDECAR_NAMES.pattern})(\.tmp)?")
+_OURS = re.compile(rf"(dataset\.json|rejects\.jsonl|duplicates\.json|\.shardtool|.+-\d{{6}}\.(tar|idx)|"
+                   rf"{SIDECAR_NAMES.pattern})(\.tmp)?")
 
 
 @dataclass
@@ -200,20 +205,25 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         spool = str(journal.spool()) if config.distributor == "local" else None  # Ray: through its object store
         encode_items = partial(encode_batch, spec=spec, classes=index, spool=spool)
         runs = packed_runs(reader, categories, splitter, encode_items, journal.consumed(), workers, config)
-        write_shards(runs, config, journal, found.total, progress, publisher)
+        dedup = Dedup(config.dedup)
+        dedup.restore(journal.records())  # what a resumed run's journal says was seen already
+        write_shards(runs, config, journal, found.total, progress, publisher, dedup)
     source = {"path": config.source, "format": fmt} | ({"categories": config.categories} if categories else {})
     return finish(config, journal, classes, tree, source, identity, reader.ignored, publisher)
 
 
 def write_shards(runs: Iterable[Run], config: PackConfig, journal: Journal, total: int,
-                 progress: Callable[[Progress], None] | None, publisher: Publisher | None = None) -> None:
-    """Each Run's stretches into the shards of their split. Two threads work beside this loop: one
-    writes and hashes the shards' bytes, the other fsyncs and journals finished shards."""
+                 progress: Callable[[Progress], None] | None, publisher: Publisher | None = None,
+                 dedup: Dedup | None = None) -> None:
+    """Each Run's stretches into the shards of their split, less what --dedup drops. Two threads work beside
+    this loop: one writes and hashes the shards' bytes, the other fsyncs and journals finished shards."""
     done = journal.consumed()
     sinks: dict[str, SplitSink] = {}
     counts = Progress(sum(done.values()), total, 0, 0)
     with Background(pending=SEALS) as seals, Background() as writes:  # (writes hands over to seals: exits first)
         for run in runs:
+            if dedup is not None:
+                dedup.check(run)
             data = memoryview(run.data)
             for split, stretch in run.stretches():
                 if split not in sinks:
@@ -236,40 +246,56 @@ def packed_runs(reader: Reader, categories: Categories | None, splitter: Splitte
                 encode_items: Callable[[list[Item]], list[Run]], done: dict[str, int],
                 workers: Workers, config: PackConfig) -> Iterator[Run]:
     """Runs of encoded Samples and Skips in the pack order (order.py), each with its split, minus what
-    `done` (a resumed run's journal) accounts for."""
+    `done` (a resumed run's journal) accounts for; with drop-leaks train's first (dedup.phases)."""
     if hasattr(reader, "partitions"):  # one big file (a BSON dump): the workers read their own byte ranges
-        mix = config.order == "shuffled"
-        read = partial(read_and_encode, reader=reader, categories=categories, splitter=splitter,
-                       encode_items=encode_items, mix_seed=config.seed if mix else None)
-        resumed = Resumed(done)
-        spans = ordered_partitions(reader.partitions(), config.order, config.seed)
-        for run in ordered_map(read, spans, workers, batch=MIX_PARTITIONS if mix else 1):
-            if resumed.left:  # a resumed run's finished shards: checked again, not written
-                run.entries = [entry for entry in run.entries if resumed.keep(entry)]
-            yield run
+        for phase in phases(config.dedup):
+            yield from _partition_runs(reader, categories, splitter, encode_items, done, workers, config, phase)
         return
     items = known_categories(reader, categories)  # Sample | Skip, in the source's order, nothing decoded
     items = ordered(items, config.order, config.seed)  # ... in the pack order
     items = assign_splits(items, splitter)        # ... each with its split
-    items = skip_done(items, done)                # ... minus what a resumed run's journal accounts for
-    yield from ordered_map(encode_items, items, workers)  # Runs of encoded Sample | Skip
+    passes = phases(config.dedup)
+    plan = list(items) if len(passes) > 1 else items  # (listed once for both phases: no input is read twice)
+    for phase in passes:
+        some = skip_done((item for item in plan if in_phase(item, phase)), done)  # ... minus a resumed run's
+        yield from ordered_map(encode_items, some, workers)  # Runs of encoded Sample | Skip
+
+
+def _partition_runs(reader: Reader, categories: Categories | None, splitter: Splitter | None,
+                    encode_items: Callable[[list[Item]], list[Run]], done: dict[str, int],
+                    workers: Workers, config: PackConfig, phase: str | None) -> Iterator[Run]:
+    """A partitioned source's Runs of one phase: a few permuted byte ranges per worker task, their products
+    mixed; a resumed run's finished items are read and checked again, then dropped here."""
+    mix = config.order == "shuffled"
+    read = partial(read_and_encode, reader=reader, categories=categories, splitter=splitter,
+                   encode_items=encode_items, mix_seed=config.seed if mix else None, phase=phase)
+    resumed = Resumed(done)
+    spans = ordered_partitions(reader.partitions(), config.order, config.seed)  # type: ignore[attr-defined]
+    for run in ordered_map(read, spans, workers, batch=MIX_PARTITIONS if mix else 1):
+        if resumed.left:  # a resumed run's finished shards: checked again, not written
+            run.entries = [entry for entry in run.entries if resumed.keep(entry)]
+        yield run
 
 
 def encode_batch(items: list[Item], spec: OutputSpec, classes: dict[str | None, int | None], spool: str) -> list[Run]:
-    """In a worker: check and encode each image, then build the tar members (the writer only appends)."""
+    """In a worker: read and hash each input, check and encode each image, then build the tar members (the
+    writer only appends)."""
     process_batch = pil.process_batch if spec.backend == "pil" else dali.process_batch
-    return [encode_run(process_batch(items, spec), classes, spool)]
+    loaded, digests = read_inputs(items, spec.max_pixels)
+    return [encode_run(process_batch(loaded, spec), classes, spool, digests)]
 
 
 def read_and_encode(spans: list[tuple[int, int]], reader: Any, categories: Categories | None,
                     splitter: Splitter | None, encode_items: Callable[[list[Item]], list[Run]],
-                    mix_seed: int | None = None) -> list[Run]:
+                    mix_seed: int | None = None, phase: str | None = None) -> list[Run]:
     """In a worker: the items of some byte ranges of the source, with their splits, checked and encoded;
-    with MIX_SEED, the products of all the ranges in a seeded random order (order.py)."""
+    with MIX_SEED, the products of all the ranges in a seeded random order (order.py); with PHASE, only
+    that phase's splits (dedup.phases)."""
     items: Iterable[Item] = itertools.chain.from_iterable(reader.read(span, splitter) for span in spans)
     if mix_seed is not None:
         items = permute_groups(items, order_rng(mix_seed, spans[0][0]))
-    return encode_items(list(assign_splits(known_categories(items, categories), splitter)))  # (splits of Skips)
+    items = assign_splits(known_categories(items, categories), splitter)  # (splits of Skips)
+    return encode_items([item for item in items if in_phase(item, phase)])
 
 
 def scan_partitions(spans: list[tuple[int, int]], reader: Any) -> list[tuple[str | None, str, int]]:
@@ -289,8 +315,8 @@ def _scan_in_workers(workers: Workers, source_bytes: int) -> bool:
 def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], tree: dict[str, Any] | None,
            source: dict[str, Any], options: dict[str, Any], ignored: list[dict[str, str]],
            publisher: Publisher | None = None) -> dict[str, Any]:
-    """rejects.jsonl, the skip ceiling, the other tools' sidecars, then dataset.json last (here, then at
-    the OUT URL when there is one)."""
+    """rejects.jsonl, the skip ceiling, duplicates.json and the other tools' sidecars, then dataset.json last
+    (here, then at the OUT URL when there is one)."""
     out = Path(config.out)
     with open(out / "rejects.jsonl.tmp", "w", encoding="utf-8") as file:
         for record in journal.records():
@@ -302,16 +328,25 @@ def finish(config: PackConfig, journal: Journal, classes: list[dict[str, Any]], 
         manifest = {**manifest, "hierarchy": tree}
     for stale in out.glob("*.tmp"):  # also when the ceiling below stops the run
         stale.unlink()
-    report = manifest["report"]
-    if report["seen"] and report["skipped"] > config.max_skip_fraction * report["seen"]:
-        top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items())
-        raise PackError(f"{report['skipped']} of {report['seen']} inputs were skipped ({top}), over "
-                        f"--max-skip-fraction {config.max_skip_fraction}: see {out / 'rejects.jsonl'}; "
-                        "re-run with a higher --max-skip-fraction to accept (written shards are kept)")
+    check_ceiling(manifest["report"], config.max_skip_fraction, out)
+    manifest["report"]["duplicates"], groups = find_duplicates(journal.records)
     journal.drop_spool()
+    write_duplicates(out, groups)
     sidecars = write_sidecars(out, manifest)
     write_json_atomic(out / MANIFEST, manifest)
     if publisher is not None:
-        for name in ["rejects.jsonl", *sidecars, MANIFEST]:
+        for name in ["rejects.jsonl", DUPLICATES, *sidecars, MANIFEST]:
             publisher.put(out / name, keep=True)
     return manifest
+
+
+def check_ceiling(report: dict[str, Any], fraction: float, out: Path) -> None:
+    """More bad inputs than --max-skip-fraction stop the run (before the manifest). Pictures --dedup dropped
+    are skips too (seen == written + skipped), but they were asked for: they do not count against it."""
+    bad = report["skipped"] - sum(report["skips"].get(reason, {}).get("count", 0) for reason in DROPPED)
+    if report["seen"] and bad > fraction * report["seen"]:
+        top = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skips"].items()
+                        if reason not in DROPPED)
+        raise PackError(f"{bad} of {report['seen']} inputs were skipped ({top}), over "
+                        f"--max-skip-fraction {fraction}: see {out / 'rejects.jsonl'}; "
+                        "re-run with a higher --max-skip-fraction to accept (written shards are kept)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +60,35 @@ class Skip:
     detail: str = ""
     group: str = ""
     split: str | None = None
+    digest: str = ""  # a picture dropped by --dedup: the digest of its bytes (dedup.py), journaled with it
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
-        return Skip, (self.reason, self.key, self.source, self.detail, self.group, self.split)
+        return Skip, (self.reason, self.key, self.source, self.detail, self.group, self.split, self.digest)
 
     def as_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "key": self.key, "source": self.source, "detail": self.detail}
 
 
 Item = Sample | Skip
+
+
+class Picture(NamedTuple):
+    """What the duplicate report needs of a packed picture (dedup.py): the digest of its input bytes, taken
+    in the worker that read them, and where it came from."""
+
+    digest: str
+    key: str
+    source: str
+    group: str
+
+    def entry(self, dropped: str = "") -> list[str]:
+        """Its line in a journal record's `pictures`: [digest, key, source, group] (group "" when it is the source,
+        as for class folders), plus the skip reason when --dedup dropped it."""
+        entry = [self.digest, self.key, self.source, "" if self.group == self.source else self.group]
+        return entry + [dropped] if dropped else entry
+
+    @staticmethod
+    def parse(entry: list[str]) -> tuple[Picture, str]:
+        """(the picture, the reason it was dropped or "") from its journal entry."""
+        digest, key, source, group, *dropped = entry
+        return Picture(digest, key, source, group or source), dropped[0] if dropped else ""

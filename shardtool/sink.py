@@ -4,11 +4,13 @@ Workers hand the writer Runs: a stretch of the source's items, in order, each sa
 final tar bytes, so the writer only cuts shards and appends. A shard exists for a later run only
 once its journal line is written; a re-run with the same command skips the inputs those lines
 account for and continues with the next shard index, so the result is byte-identical to an
-uninterrupted run.
+uninterrupted run. A line also lists its pictures with the digests of their input bytes (and those
+--dedup dropped), so the duplicate report and a resumed run's drops come from the journal alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -19,7 +21,7 @@ from typing import Any, NamedTuple
 
 from shardtool.background import Background
 from shardtool.journal import Journal
-from shardtool.sample import Item, Sample, Skip
+from shardtool.sample import Item, Picture, Sample, Skip
 from shardtool.tario import Members, TarShard, sample_chunks
 
 SPOOL_BYTES = 256 << 10  # a Run with more tar bytes than this leaves its worker through a spool file
@@ -47,6 +49,7 @@ class Encoded(NamedTuple):
     size: int
     members: Members
     stats: tuple[tuple[float, ...], tuple[float, ...], int] | None
+    picture: Picture | None = None  # the digest of its input bytes and where it came from (dedup.py)
 
 
 class Run:
@@ -95,18 +98,21 @@ def _unspool(path: str, entries: list[Encoded | Skip]) -> Run:
     return Run(data, entries)
 
 
-def encode_run(items: Iterable[Item], classes: Mapping[str | None, int | None], spool: str | None = None) -> Run:
-    """In a worker: the tar members of every processed sample (each item has its split), as one Run."""
+def encode_run(items: Iterable[Item], classes: Mapping[str | None, int | None], spool: str | None = None,
+               digests: Iterable[str | None] | None = None) -> Run:
+    """In a worker: the tar members of every processed sample (each item has its split), as one Run;
+    DIGESTS: each item's input digest (dedup.read_inputs), None where it has none."""
     chunks: list[bytes] = []
     entries: list[Encoded | Skip] = []
     start = 0
-    for item in items:
+    for item, digest in zip(items, digests or itertools.repeat(None)):
         if isinstance(item, Skip):
             entries.append(item)
             continue
         index = classes[item.label]
         size, members = sample_chunks(item.key, sample_members(item, index), chunks)
-        entries.append(Encoded(item.split or "train", index, start, size, members, item.stats))
+        picture = Picture(digest, item.key, item.source, item.group) if digest else None
+        entries.append(Encoded(item.split or "train", index, start, size, members, item.stats, picture))
         start += size
     return Run(b"".join(chunks), entries, spool)
 
@@ -129,12 +135,15 @@ class SplitSink:
     def _reset(self) -> None:
         self._count = 0
         self._skips: list[dict[str, str]] = []
+        self._pictures: list[list[str]] = []  # journaled with the record: what the duplicate report reads
         self._class_counts: dict[int, int] = {}
         self._sum, self._sum2, self._pixels = [0.0] * 3, [0.0] * 3, 0
         self._measured = 0  # samples whose pixels the statistics include (not --verify header copies)
 
     def skip(self, skip: Skip) -> None:
         self._skips.append(skip.as_dict())
+        if skip.digest:  # a picture --dedup dropped: the report still counts it
+            self._pictures.append(Picture(skip.digest, skip.key, skip.source, skip.group).entry(skip.reason))
         self.consumed += 1
 
     def add(self, samples: list[Encoded], data: memoryview) -> None:
@@ -153,6 +162,8 @@ class SplitSink:
             self._shard.add_many(data[base:samples[end - 1].start + samples[end - 1].size],
                                  [(sample.start - base, sample.members) for sample in samples[i:end]])
             for sample in samples[i:end]:
+                if sample.picture is not None:
+                    self._pictures.append(sample.picture.entry())
                 if sample.index is not None:
                     self._class_counts[sample.index] = self._class_counts.get(sample.index, 0) + 1
                 if sample.stats is not None:
@@ -188,6 +199,8 @@ class SplitSink:
         """Close the open shard (if any) and journal it with the skips since the last record (in the
         background, after the shard's last bytes are written)."""
         record: dict[str, Any] = {"split": self.split, "consumed": self.consumed, "skips": self._skips}
+        if self._pictures:
+            record["pictures"] = self._pictures
         if self._shard is not None:
             size = self._shard.end()
             record.update(shard=shard_name(self.split, self.next_index), index=self.next_index,
