@@ -50,9 +50,10 @@ HELP = {
     "crop_scale": "Smallest area fraction of RandomResizedCrop (ImageNet training uses 0.08; short fine-tunes do better higher).", "mixup": "MixUp alpha (0: off).", "cutmix": "CutMix alpha (0: off).",
     "amp": "auto | bf16 | fp16 | none (auto: bf16 on CPUs and GPUs that have it).",
     "channels_last": "channels_last memory format.", "compile": "torch.compile the model.",
-    "loader": "auto | torch | dali (auto: dali on a GPU when installed, else torch).",
-    "workers": "Decode processes per training process [the CPUs this process may use, shared among torchrun's "
-               "processes on this machine, at most 16].", "shuffle_buffer": "Samples in the shuffle buffer.",
+    "loader": "auto | torch | dali (auto: dali on a GPU when installed, else torch). dali on a GPU: nvJPEG decodes "
+              "(chroma upsampled as PIL does, buffers padded as DALI's ResNet-50 example) with --workers CPU threads.",
+    "workers": "Decode processes per training process, or DALI's threads [the CPUs this process may use, shared "
+               "among torchrun's processes on this machine, at most 16].", "shuffle_buffer": "Samples in the shuffle buffer.",
     "train_split": "Split to train on.", "val_split": "Split to validate on (val finds validation).",
     "metric": "val_top1 | val_top5 | val_loss: what best.pt is chosen by.",
     "patience": "Stop after this many epochs without improvement (0: never).",
