@@ -49,7 +49,7 @@ def test_trainer_s_default_workers_follow_the_cpus_it_may_use(local_world, expec
     assert done.stdout.split() == [expected, expected]
     shown = subprocess.run([sys.executable, "-m", "trainer", "fit", "--help"], capture_output=True, text=True,
                            check=True, env=env, preexec_fn=lambda: os.sched_setaffinity(0, one))
-    assert "default: 1" in " ".join(shown.stdout.split()).split("--workers", 1)[1].split("--", 1)[0]
+    assert "default: 1" in " ".join(shown.stdout.split()).split("--workers INTEGER", 1)[1].split(" --", 1)[0]
 
 
 def test_two_torchrun_processes_share_the_cpus(monkeypatch) -> None:
