@@ -148,8 +148,8 @@ def read_class_weights(path: str, class_names: list[str]) -> list[float]:
         weights[index[name]] = _weight(value, name, where)
     missing = [name for name, weight in zip(class_names, weights) if weight is None]
     if missing:
-        raise ConfigError(f"{where}: no weight for class {missing[0][:60]!r} ({len(missing)} classes have none); "
-                          "give every class one (0 leaves it out)")
+        raise ConfigError(f"{where}: no weight for class {missing[0][:60]!r} ({len(missing)} of {len(class_names)} "
+                          "classes have none); give every class one (0 leaves it out)")
     return [float(w) for w in weights]  # type: ignore[arg-type]
 
 
