@@ -271,7 +271,7 @@ def render_classes(result: dict[str, Any]) -> None:
 
     known = {name: acc for name, acc in (result.get("class_acc") or {}).items() if acc is not None}
     shown = known if len(known) <= CLASS_COLUMNS else dict(sorted(known.items(), key=lambda item: item[1])[:5])
-    what = "per class" if len(shown) == len(known) else f"lowest 5 of {len(known)} classes (every one: --json, summary.json)"
+    what = "per class" if len(shown) == len(known) else f"lowest 5 of {len(known)} classes (all: --json, summary.json)"
     if shown:
         console.print(f"{what}: " + "  ".join(f"{name} {acc:.1%}" for name, acc in shown.items()), markup=False)
 

@@ -11,8 +11,12 @@ label says -> the draws spread over the stream.
 A read's draws are known only once its labels are, so a block is read whole before any of it comes out (a
 remote block is anyway: one range request). Spreading each read's draws over a fixed number of reads, not
 one per read in turn, keeps a block drawn many times from bunching up or from coming last: where the slot's
-size cuts the stream, each open read loses the same fraction of its draws, whatever its classes, so the cut
-favours no class. Each draw carries `__draw__` (draw id.copy), which seeds its augmentation.
+size cuts the stream, each open read loses a fraction of its draws that does not depend on its classes.
+What bias is left comes from reads that are lumps (a class of a few images, each drawn dozens of times, in
+a small epoch): a slot holding more of them than expected is cut, one holding fewer is topped up, and such a
+class comes out a little short. Simulated on shuffled 100:10:1 shards (40 epochs, 4 slots): the 1% class
+was drawn 1.9% less than its third with 555 draws a slot, 0.7% less with 2,220; the larger the loader
+workers' shares, the smaller. Each draw carries `__draw__` (draw id.copy), which seeds its augmentation.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ def drawn(plan: WorkerPlan, read: Callable[[Segment], Iterable[dict[str, Any]]],
     """Every draw of PLAN's reads, read with READ, spread over WIDTH reads, then of its top-ups; endless (the
     caller takes its size), with a bad sample for each draw past those (a manifest lying about its labels)."""
     sampling = spec.sampling
-    if sampling is None or plan.reads is None or plan.top_ups is None:
-        raise ValueError("drawn() reads the plan of a LoaderSpec with a sampling")
+    if sampling is None or plan.reads is None or plan.top_ups is None or not spec.num_classes:
+        raise ValueError("drawn() reads the plan of a LoaderSpec with a sampling and its num_classes")
 
     def draws(reads: Iterable[Read]) -> Iterator[list[dict[str, Any]]]:
         return (copies(list(read(r.segment)), r, sampling, spec.num_classes, f"{spec.seed}/{epoch}") for r in reads)
