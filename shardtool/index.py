@@ -211,7 +211,8 @@ def manifest_from(root: Path, scans: list[TarScan], classes_file: str | None) ->
         split["bytes"] += scan.bytes
         split["class_counts"].update(scan.labels)
         split["shards"].append({"name": scan.name, "index": _idx_name(scan.name), "num_samples": scan.num_samples,
-                                "bytes": scan.bytes, "sha256": scan.sha256})
+                                "bytes": scan.bytes, "sha256": scan.sha256,
+                                "class_counts": {str(k): v for k, v in sorted(scan.labels.items())}})
     for split in splits.values():
         split["class_counts"] = [split["class_counts"].get(i, 0) for i in range(len(names))]
     total = sum(s.num_samples for s in scans)

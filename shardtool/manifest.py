@@ -90,14 +90,30 @@ def check_structure(data: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where} lists {len(classes)} classes, but split {name!r} counts labels up to "
                               f"{len(counts) - 1}; repack, or run `shardtool index` on the tars")
         for shard in split["shards"]:
-            check_shard_entry(shard, where)
+            check_shard_entry(shard, where, len(classes))
 
 
-def check_shard_entry(shard: Any, where: str) -> None:
+def check_shard_entry(shard: Any, where: str, num_classes: int) -> None:
     if not isinstance(shard, dict) or not isinstance(shard.get("num_samples"), int):
         raise ConfigError(f"{where} has a shard entry without a name, index and sample count")
     for field in ("name", "index"):
         check_relative(shard.get(field), where)
+    if not counts_fit(shard.get("class_counts", {}), num_classes, shard["num_samples"]):
+        raise ConfigError(f"{where}: a shard's class_counts are not counts of its samples by class index "
+                          f"(0-{num_classes - 1}); repack, or run `shardtool index` on the tars")
+
+
+def counts_fit(counts: Any, num_classes: int, num_samples: int) -> bool:
+    """A shard's class_counts ({"class index": samples}, absent in manifests from before them) name known
+    classes and count no more samples than the shard holds."""
+    if not isinstance(counts, dict):
+        return False
+    for key, value in counts.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < num_classes):
+            return False
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return False
+    return sum(counts.values()) <= num_samples
 
 
 def check_relative(name: Any, where: str) -> None:
@@ -132,7 +148,7 @@ class _SplitTotals:
     def add(self, record: dict[str, Any]) -> None:
         self.shards.append({"name": record["shard"] + ".tar", "index": record["shard"] + ".idx",
                             "num_samples": record["num_samples"], "bytes": record["bytes"],
-                            "sha256": record["sha256"]})
+                            "sha256": record["sha256"], "class_counts": record["class_counts"]})
         self.class_counts.update({int(k): v for k, v in record["class_counts"].items()})
         stats = record["stats"]
         self.sum = [a + b for a, b in zip(self.sum, stats["sum"])]

@@ -96,8 +96,9 @@ def _repeated_keys(index: list[list[tuple[str, int, int, str]]], shard: str, key
 
 def _check_members(path: Path, shard: dict[str, Any], index: list[list[tuple[str, int, int, str]]], decode: bool,
                    classes: Counter[str]) -> list[str]:
-    """Members against the .idx, images decoded (with `decode`), labels counted into `classes`."""
-    problems = []
+    """Members against the .idx, images decoded (with `decode`), labels counted into `classes` and checked
+    against the shard's own class_counts (manifests from before them have none)."""
+    problems, labels = [], Counter[str]()
     with tarfile.open(path, "r:") as tar:  # shards are never compressed
         members = [m for m in tar if m.isfile()]
         indexed = [entry for sample in index for entry in sample]
@@ -107,9 +108,12 @@ def _check_members(path: Path, shard: dict[str, Any], index: list[list[tuple[str
             name, _, ext = member.name.partition(".")
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
             if ext == "cls":
-                classes[data.decode(errors="replace").strip()] += 1
+                labels[data.decode(errors="replace").strip()] += 1
             elif decode and ext in ("jpg", "png") and (problem := _decode(data)):
                 problems.append(f"{shard['name']}: {member.name} does not decode ({problem})")
+    classes.update(labels)
+    if "class_counts" in shard and dict(labels) != shard["class_counts"]:
+        problems.append(f"{shard['name']}: class counts in the shard differ from the manifest's for it")
     return problems
 
 

@@ -41,8 +41,10 @@ def test_top1_top5_loss_and_unlabelled():
     meter.update(torch.tensor([DESCENDING, [1, 2, 9, 3, 4, 5.0]]), torch.tensor([4, 2]), 0.5)
     meter.reduce()
     # class 0: top-1 hit; class 5: ranked 6th, missed by top-5; class 4: ranked 5th; class 2: top-1 hit
+    # classes 0 and 2 right, 4 and 5 wrong: every sampled class's recall is 1 or 0
     assert meter.result() == {"loss": 0.5, "top1": 0.5, "top5": 0.75, "num_samples": 4, "num_unlabelled": 1,
-                              "level_acc": {}}
+                              "level_acc": {}, "balanced_acc": 0.5,
+                              "class_acc": {"0": 1.0, "1": None, "2": 1.0, "3": None, "4": 0.0, "5": 0.0}}
 
 
 def test_confusion_rows_true_columns_predicted():
@@ -53,11 +55,26 @@ def test_confusion_rows_true_columns_predicted():
     assert meter.result()["top5"] == 1.0  # k = min(5, C) = 3 covers every class
 
 
+def test_balanced_accuracy_is_the_mean_recall_of_a_hand_made_confusion():
+    """True class 0: 8 of 10 right; class 1: 1 of 2; class 2: 0 of 1; class 3: never in the split. Top-1 is
+    9/13; balanced accuracy (0.8 + 0.5 + 0) / 3, the absent class left out."""
+    rows = [(0, 0)] * 8 + [(0, 1)] * 2 + [(1, 1), (1, 0), (2, 1)]
+    truth, predicted = torch.tensor([t for t, _ in rows]), torch.tensor([p for _, p in rows])
+    meter = EvalMeter(4, class_names=["cat", "dog", "owl", "yak"])
+    meter.update(torch.eye(4)[predicted], truth, 0.0)
+    assert meter.confusion.tolist() == [[8, 2, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    result = meter.result()
+    assert result["top1"] == pytest.approx(9 / 13)
+    assert result["class_acc"] == {"cat": 0.8, "dog": 0.5, "owl": 0.0, "yak": None}
+    assert result["balanced_acc"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+
+
 def test_nothing_labelled_gives_none():
     meter = EvalMeter(4)
     meter.update(torch.zeros(2, 4), torch.tensor([-1, -1]), 0.0)
     assert meter.result() == {"loss": None, "top1": None, "top5": None, "num_samples": 0, "num_unlabelled": 2,
-                              "level_acc": {}}
+                              "level_acc": {}, "balanced_acc": None,
+                              "class_acc": {"0": None, "1": None, "2": None, "3": None}}
     assert meter.confusion.sum() == 0
 
 
@@ -131,6 +148,8 @@ def test_reduce_sums_over_two_ranks(tmp_path):
     # rank 0: 1 -> 2 is wrong at level 1 too (parents 0 and 1); rank 1: 2 -> 1 and 0 -> 2 cross parents
     assert result["level_acc"] == {"level1": 0.4}
     assert result["confusion"] == [[1, 0, 1], [0, 1, 1], [0, 1, 0]]
+    assert result["class_acc"] == {"0": 0.5, "1": 0.5, "2": 0.0}  # from the summed confusion
+    assert result["balanced_acc"] == pytest.approx(1 / 3)
     assert (result["idle"]["top1"], result["idle"]["num_samples"]) == (1.0, 1)
 
 

@@ -55,7 +55,8 @@ HELP = {
     "workers": "Decode processes per training process, or DALI's threads [the CPUs this process may use, shared "
                "among torchrun's processes on this machine, at most 16].", "shuffle_buffer": "Samples in the shuffle buffer.",
     "train_split": "Split to train on.", "val_split": "Split to validate on (val finds validation).",
-    "metric": "val_top1 | val_top5 | val_loss: what best.pt is chosen by.",
+    "metric": "val_top1 | val_top5 | val_loss | val_balanced_acc (the mean of per-class recall): what best.pt is "
+              "chosen by.",
     "patience": "Stop after this many epochs without improvement (0: never).",
     "checkpoint_every": "Optimizer steps between mid-epoch saves of last.pt (0: epoch ends only).",
     "save_epochs": "Also keep each epoch's validated weights as OUT/epoch-N.pt (best.pt's format: evaluate, "
@@ -63,6 +64,17 @@ HELP = {
     "on_corrupt": "fail: stop at a corrupt sample naming shard and key | skip: count it and go on.",
     "norm": "model: normalise with the backbone's mean/std | dataset: with the manifest's.",
     "device": "auto | cpu | cuda | cuda:N.", "seed": "Seed of the data order, augmentation and head init.",
+    "sampling": "How training draws samples: uniform (each once an epoch) | balanced (every class equally often) | "
+                "sqrt (a class in proportion to the square root of its count) | weights:FILE (in proportion to "
+                "FILE's weights: JSON {class: weight} or CSV class,weight, every class named, 0 leaves one out). "
+                "Other than uniform a sample may be drawn several times or not at all; blocks of the shards are "
+                "streamed as for uniform (--loader torch); validation and test stay unweighted.",
+    "mix": "Several DATA (trainer fit DATA1 DATA2 OUT): each one's share of an epoch's draws, in DATA's order, "
+           "e.g. 0.7,0.3, within which --sampling applies [none: the DATA are one pool]. Numbers only, so any "
+           "DATA stays a plain path or URL (a suffix such as DATA:0.7 would read http://host:8080 or C:\\data "
+           "as a share).",
+    "epoch_size": "Draws per epoch, all processes together [0: the train split's size, of every DATA]; other "
+                  "sizes, like --sampling and --mix, draw with repeats.",
     "log_keys": "Write every training batch's sample keys to OUT/keys/rank-R.tsv (audit of exact epochs/resume).",
     "timeout": "URL DATA: seconds without a byte before a request is retried (resumed from the byte it reached).",
     "retries": "URL DATA: failed requests in a row, without progress, before the run stops naming the shard "
@@ -134,15 +146,17 @@ def main() -> None:
 
 
 @main.command(cls=Command)
-@click.argument("data")
+@click.argument("data", nargs=-1, required=True)
 @click.argument("out", type=Output(folder=True))
 @click.option("--config", "config_path", type=click.Path(), help="YAML file of options; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue OUT's run exactly from OUT/last.pt (--epochs may change: "
                                             "extra epochs run at the schedule's floor LR).")
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT that holds a run.")
 @fit_options
-def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: bool, **options: Any) -> None:
-    """Fine-tune a pretrained CNN on DATA (a shardtool output, URL or shard pattern); write the run to OUT."""
+def fit(data: tuple[str, ...], out: str, config_path: str | None, resume: bool, overwrite: bool,
+        **options: Any) -> None:
+    """Fine-tune a pretrained CNN on DATA (a shardtool output, URL or shard pattern; several with one class
+    list are trained on together, see --mix); write the run to OUT."""
     from trainer import distributed
     from trainer.checkpoint import load_checkpoint
     from trainer.config import build_config, resumed_config
@@ -150,7 +164,8 @@ def fit(data: str, out: str, config_path: str | None, resume: bool, overwrite: b
 
     ctx = click.get_current_context()
     given = {k: v for k, v in options.items()
-             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE} | {"data": data, "out": out}
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given |= {"data": data[0] if len(data) == 1 else list(data), "out": out}
     if resume:
         config = resumed_config(load_checkpoint(Path(out) / "last.pt")["config"], given)
     else:
@@ -214,8 +229,9 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
         levels = "".join(f"  {k} {v:.2%}" for k, v in (result.get("level_acc") or {}).items() if v is not None)
         epoch = summary["best_epoch"] or "0 (no epoch beat the linear probe it started from)"
         console.print(f"best epoch {epoch}: {split} top-1 {result['top1']:.2%}  top-5 "
-                      f"{result['top5']:.2%}  loss {result['loss']:.4f}  ({result['num_samples']} images){levels}",
-                      markup=False)
+                      f"{result['top5']:.2%}  {balanced(result)}loss {result['loss']:.4f}  "
+                      f"({result['num_samples']} images){levels}", markup=False)
+        render_classes(result)
     console.print(f"run written to {out}: best.pt, last.pt, metrics.csv, curves.png, tb/, summary.json", markup=False)
 
 
@@ -242,8 +258,25 @@ def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, lo
         click.echo(json.dumps(result | {"split": split}))
         return
     levels = "".join(f"  {k} {v:.2%}" for k, v in (result.get("level_acc") or {}).items() if v is not None)
-    console.print(f"{split}: top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
-                  f"({result['num_samples']} images){levels}", markup=False)
+    console.print(f"{split}: top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  {balanced(result)}"
+                  f"loss {result['loss']:.4f}  ({result['num_samples']} images){levels}", markup=False)
+    render_classes(result)
+
+
+def balanced(result: dict[str, Any]) -> str:
+    value = result.get("balanced_acc")
+    return "" if value is None else f"balanced {value:.2%}  "
+
+
+def render_classes(result: dict[str, Any]) -> None:
+    """Each class's accuracy (its recall) on one line; past CLASS_COLUMNS classes, the five lowest."""
+    from trainer.metrics import CLASS_COLUMNS
+
+    known = {name: acc for name, acc in (result.get("class_acc") or {}).items() if acc is not None}
+    shown = known if len(known) <= CLASS_COLUMNS else dict(sorted(known.items(), key=lambda item: item[1])[:5])
+    what = "per class" if len(shown) == len(known) else f"lowest 5 of {len(known)} classes (all: --json, summary.json)"
+    if shown:
+        console.print(f"{what}: " + "  ".join(f"{name} {acc:.1%}" for name, acc in shown.items()), markup=False)
 
 
 @main.command(cls=Command)

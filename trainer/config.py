@@ -6,6 +6,7 @@ The effective config is saved as OUT/config.yaml and inside every checkpoint; `-
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,8 +21,9 @@ from trainer.remote import Remote
 RUN_IDENTITY = ("data", "model", "weights", "batch_size", "seed", "workers", "image_size", "train_split",
                 "shuffle_buffer", "lr", "backbone_lr_mult", "optimizer", "freeze_epochs", "freeze_bn", "warmup_epochs",
                 "unfreeze_warmup_epochs", "head_init", "ema_epochs",
-                "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm")
-METRICS = ("val_top1", "val_top5", "val_loss")
+                "mixup", "cutmix", "label_smoothing", "crop_scale", "weight_decay", "amp", "norm",
+                "sampling", "mix", "epoch_size")
+METRICS = ("val_top1", "val_top5", "val_loss", "val_balanced_acc")
 # --weight-decay when not given, by optimizer: AdamW's is decoupled; SGD's is an L2 term in the gradient, and
 # torchvision's ImageNet recipes use 1e-4 (AdamW's 0.05 as an L2 term would be 500x that)
 WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
@@ -54,14 +56,15 @@ RANGES = {
     "crop_scale": Range(float, 0, 1, low_open=True), "mixup": Range(float, 0), "cutmix": Range(float, 0),
     "workers": Range(int, 0, MAX_WORKERS), "shuffle_buffer": Range(int, 0), "patience": Range(int, 0),
     "checkpoint_every": Range(int, 0), "seed": SEED, "timeout": Range(float, 0, low_open=True),
-    "retries": Range(int, 0), "cache_size": Range(float, 0),
+    "retries": Range(int, 0), "cache_size": Range(float, 0), "epoch_size": Range(int, 0),
 }
 EVAL_BATCH = Range(int, 1)  # evaluate, predict, probe, export: a batch size, no auto
+MIX_SHARE = Range(float, 0, low_open=True)
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    data: str
+    data: str | list[str]  # several: mixed (--mix), one class list between them
     out: str
     model: str = "efficientnet_lite0"
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
@@ -101,6 +104,9 @@ class FitConfig:
     norm: str = "model"  # model: the backbone's mean/std | dataset: the manifest's
     device: str = "auto"
     seed: int = 0
+    sampling: str = "uniform"  # uniform | balanced | sqrt | weights:FILE (trainer/data/sampling.py)
+    mix: str = ""  # several DATA: their shares of an epoch's draws, "0.7,0.3"; "": one pool
+    epoch_size: int = 0  # draws per epoch, all ranks together; 0: the train split's size
     log_keys: bool = False  # audit: OUT/keys/rank-R.tsv lists every training batch's sample keys
     timeout: float = 30.0  # URL DATA: seconds without a byte before a request is retried
     retries: int = 5  # URL DATA: failed requests in a row (no progress) before the run stops
@@ -110,6 +116,28 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.weight_decay is None and self.optimizer in WEIGHT_DECAY:
             object.__setattr__(self, "weight_decay", WEIGHT_DECAY[self.optimizer])
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    @property
+    def proportions(self) -> list[float] | None:
+        """--mix as shares summing to 1, by DATA; None without it (the DATA are one pool)."""
+        if not self.mix:
+            return None
+        if not isinstance(self.mix, str):
+            raise ConfigError(f"--mix {self.mix!r}: give the shares as one text, as 0.7,0.3")
+        shares = [_number(text) for text in self.mix.split(",")]
+        if not all(MIX_SHARE.admits(share) for share in shares):
+            raise ConfigError(f"--mix {self.mix!r}: each share must be {MIX_SHARE.describe()}, as 0.7,0.3")
+        if len(self.sources) == 1:
+            raise ConfigError("--mix gives several DATA their shares (DATA1 DATA2 OUT --mix 0.7,0.3); one DATA "
+                              "needs none")
+        if len(shares) != len(self.sources):
+            raise ConfigError(f"--mix gives {len(shares)} shares for {len(self.sources)} DATA: one per DATA, in order "
+                              "(DATA1 DATA2 OUT --mix 0.7,0.3)")
+        return [share / sum(shares) for share in shares]
 
     @property
     def remote(self) -> Remote:
@@ -125,6 +153,12 @@ class FitConfig:
         for name, range_ in RANGES.items():
             range_.check("--" + name.replace("_", "-"), getattr(self, name))
         check_device("--device", self.device)
+        if not self.sources or not all(isinstance(source, str) and source for source in self.sources):
+            raise ConfigError("DATA must be one or more shardtool outputs, URLs or shard patterns")
+        from trainer.data.sampling import parse_sampling  # torch comes with trainer.data: not at `trainer --help`
+
+        parse_sampling(self.sampling)
+        self.proportions  # noqa: B018 - checks --mix
         if self.head_init == "probe" and (self.weights == "none" or self.norm != "model"):
             raise ConfigError("--head-init probe needs pretrained --weights and --norm model (the probe's features)")
         return self
@@ -138,6 +172,13 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def read_yaml(path: str) -> dict[str, Any]:

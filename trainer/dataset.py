@@ -9,7 +9,7 @@ per split and per shard, classes, normalisation) comes from the manifest, never 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Shard:
     num_samples: int
     sha256: str = ""  # the manifest's, checked by --cache
     bytes: int = 0
+    class_counts: tuple[tuple[int, int], ...] | None = None  # (class, samples) pairs; None: an old manifest's
+    source: int = 0  # which of fit's DATA it belongs to (mixing)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Dataset:
     def shards(self, split: str, check: bool = True) -> list[Shard]:
         name = self.split_name(split) if check else split
         return [Shard(_join(self.root, s["name"]), _join(self.root, s["index"]), s["num_samples"], s.get("sha256", ""),
-                      s.get("bytes", 0))
+                      s.get("bytes", 0), _counts(s.get("class_counts")))
                 for s in self.manifest["splits"][name]["shards"]
                 if self.selected is None or s["name"] in self.selected]
 
@@ -103,6 +105,10 @@ def open_dataset(data: str, remote: Remote = Remote()) -> Dataset:
     return dataset
 
 
+def _counts(counts: dict[str, int] | None) -> tuple[tuple[int, int], ...] | None:
+    return None if counts is None else tuple(sorted((int(k), v) for k, v in counts.items() if v))
+
+
 def _join(root: str, name: str) -> str:
     if is_url(root):
         return root.rstrip("/") + "/" + name
@@ -124,3 +130,64 @@ def _read_bytes(path: str, data: str, remote: Remote) -> bytes:
                               "them (shards written by another tool)")
         raise ConfigError(f"{data} is not a shardtool output (no {NAME}); run shardtool pack first")
     return Path(path).read_bytes()
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Several DATA with one class list, trained on as one (fit's `DATA... OUT`, `--mix`): every split is the
+    union of the parts' (validation and test unweighted, each sample once); a shard knows its part (source)."""
+
+    parts: tuple[Dataset, ...]
+
+    @property
+    def root(self) -> str:
+        return " + ".join(part.root for part in self.parts)
+
+    @property
+    def manifest(self) -> dict[str, Any]:  # classes and hierarchy: the parts share them
+        return self.parts[0].manifest
+
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        return self.parts[0].classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.parts[0].class_names
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        raise ConfigError("--norm dataset: several DATA have no one mean/std between them; use --norm model")
+
+    def has_split(self, split: str) -> bool:
+        return any(part.has_split(split) for part in self.parts)
+
+    def shards(self, split: str) -> list[Shard]:
+        if not self.has_split(split):
+            self.parts[0].split_name(split)  # the one-line error that names the splits there are
+        return [replace(shard, source=i) for i, part in enumerate(self.parts) if part.has_split(split)
+                for shard in part.shards(split)]
+
+    def num_samples(self, split: str) -> int:
+        return sum(shard.num_samples for shard in self.shards(split))
+
+    def labelled(self, split: str) -> bool:
+        return all(part.labelled(split) for part in self.parts if part.has_split(split))
+
+    def fingerprint(self) -> list[str]:
+        return self.class_names
+
+
+def open_sources(sources: list[str], remote: Remote = Remote()) -> Dataset | Mixture:
+    """One DATA as open_dataset reads it, several as a Mixture; their class lists must be the same."""
+    parts = tuple(open_dataset(source, remote) for source in sources)
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for part in parts[1:]:
+        if part.class_names != first.class_names:
+            theirs, ours = part.class_names, first.class_names
+            at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise ConfigError(f"{part.root} has other classes than {first.root} ({len(theirs)} vs {len(ours)}, first "
+                              f"difference at index {at}): mixed DATA must share one class list")
+    return Mixture(parts)

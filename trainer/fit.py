@@ -22,13 +22,14 @@ from shardtool.options import check_device, check_output_folder
 from trainer.checkpoint import check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import BACKBONE_WARMUP_STEPS, FitConfig, write_yaml
 from trainer.data import Batch, Loader, LoaderSpec, make_loader, spec_backend
-from trainer.dataset import Dataset, open_dataset
+from trainer.data.sampling import make_sampling, with_class_counts
+from trainer.dataset import Dataset, Mixture, open_sources
 from trainer.distributed import Dist, all_sum, any_rank, barrier, from_main
 from trainer.errors import ConfigError, TrainError
 from trainer.infer import eval_resize
 from trainer.keylog import KeyLog
 from trainer.loop import Amp, Step, TrainSums, evaluate, train_one_epoch
-from trainer.metrics import EvalMeter, RunLog, level_maps_from_manifest
+from trainer.metrics import CLASS_COLUMNS, EvalMeter, RunLog, level_maps_from_manifest
 
 write_confusion, write_summary = RunLog.write_confusion, RunLog.write_summary
 from trainer.models import Model, create_model
@@ -55,7 +56,7 @@ class State:
 class Run:
     config: FitConfig
     dist: Dist
-    dataset: Dataset
+    dataset: Dataset | Mixture
     model: Model
     device: torch.device
     amp: Amp
@@ -117,7 +118,7 @@ def make_amp(mode: str, device: torch.device) -> Amp:
     return Amp(torch.bfloat16, device.type)
 
 
-def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str, Any]:
+def preprocessing(config: FitConfig, dataset: Dataset | Mixture, model: Model) -> dict[str, Any]:
     """What the model sees: input size and the mean/std the loader normalises with (saved in checkpoints)."""
     mean, std = model.mean, model.std
     if config.norm == "dataset":
@@ -136,17 +137,23 @@ def preprocessing(config: FitConfig, dataset: Dataset, model: Model) -> dict[str
             "mean": list(mean), "std": list(std)}
 
 
-def loader_spec(config: FitConfig, dataset: Dataset, model: Model, dist: Dist, device: torch.device,
+def loader_spec(config: FitConfig, dataset: Dataset | Mixture, model: Model, dist: Dist, device: torch.device,
                 split: str, train: bool) -> LoaderSpec:
+    """Training draws as --sampling, --mix and --epoch-size say (trainer/data/sampling.py); eval reads every
+    sample once, unweighted."""
     pre = preprocessing(config, dataset, model)
     size = pre["train_image_size" if train else "image_size"]
     batch_size = config.batch_size or default_batch_size(device, pre["train_image_size"])
-    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=batch_size, image_size=size,
+    shards, sampling = tuple(dataset.shards(split)), None
+    if train:
+        shards = with_class_counts(shards, config.sampling)
+        sampling = make_sampling(config.sampling, shards, dataset.class_names, config.proportions, config.epoch_size)
+    return LoaderSpec(shards=shards, batch_size=batch_size, image_size=size,
                       resize_size=pre["resize_shorter"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), train=train,
                       scale=(config.crop_scale, 1.0), labelled=dataset.labelled(split),
                       num_classes=len(dataset.classes), seed=config.seed, rank=dist.rank, world=dist.world,
                       workers=config.workers, shuffle_buffer=config.shuffle_buffer, on_corrupt=config.on_corrupt,
-                      device=str(device), remote=config.remote)
+                      device=str(device), remote=config.remote, sampling=sampling)
 
 
 def make_optimizer(config: FitConfig, model: Model) -> torch.optim.Optimizer:
@@ -178,9 +185,9 @@ def set_frozen(model: Model, frozen: bool, freeze_bn: bool = False) -> None:
 
 
 def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) -> Run:
-    dataset = open_dataset(config.data, config.remote)
+    dataset = open_sources(config.sources, config.remote)
     if not dataset.classes:
-        raise ConfigError(f"{config.data} has no labels (an unlabelled dump): nothing to train on")
+        raise ConfigError(f"{dataset.root} has no labels (an unlabelled dump): nothing to train on")
     device = resolve_device(config.device, dist)
     if device.type == "cuda":  # every training batch has the same shape: cuDNN picks each layer's fastest kernel once
         torch.backends.cudnn.benchmark = True
@@ -212,9 +219,12 @@ def build_run(config: FitConfig, dist: Dist, checkpoint: dict[str, Any] | None) 
 def resolved(run: Run) -> dict[str, Any]:
     """What the run's auto settings resolved to on this machine: a resume elsewhere must resolve the same."""
     train = loader_spec(run.config, run.dataset, run.model, run.dist, run.device, run.config.train_split, True)
-    return {"loader": spec_backend(train, run.config.loader), "device": run.device.type,
-            "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world,
-            "batch_size": train.batch_size}
+    found = {"loader": spec_backend(train, run.config.loader), "device": run.device.type,
+             "amp": str(run.amp.dtype).removeprefix("torch.") if run.amp.dtype else "none", "world": run.dist.world,
+             "batch_size": train.batch_size}
+    if train.sampling is not None:  # what the draws come from: a weights file edited since would change them
+        found["sampling"] = train.sampling.fingerprint
+    return found
 
 
 def check_resolved(run: Run) -> None:
@@ -223,7 +233,8 @@ def check_resolved(run: Run) -> None:
     changed = [f"{k} {then[k]} -> {now[k]}" for k in then if then[k] != now.get(k)]
     if changed:
         raise ConfigError(f"--resume continues a run exactly, and here {', '.join(changed)}: resume where it "
-                          "ran (same loader, device, AMP, batch size and number of processes) or start a new OUT")
+                          "ran (same loader, device, AMP, batch size, number of processes and sampling weights) or "
+                          "start a new OUT")
 
 
 def make_ema(module: nn.Module, steps: float) -> AveragedModel:
@@ -233,7 +244,7 @@ def make_ema(module: nn.Module, steps: float) -> AveragedModel:
 
 
 def restore(run: Run, checkpoint: dict[str, Any]) -> None:
-    check_classes(checkpoint, run.dataset.class_names, run.config.data)
+    check_classes(checkpoint, run.dataset.class_names, run.dataset.root)
     run.model.module.load_state_dict(checkpoint["model"])
     if run.ema is not None:
         run.ema.load_state_dict(checkpoint["ema"])
@@ -441,14 +452,18 @@ def epoch_row(run: Run, sums: TrainSums) -> dict[str, Any]:
             "seconds": total / world, "skipped": int(skipped), "retries": int(retries), "resumed": int(resumed)}
 
 
-def new_meter_for(dataset: Dataset, device: torch.device) -> EvalMeter:
+def new_meter_for(dataset: Dataset | Mixture, device: torch.device) -> EvalMeter:
     names, maps = level_maps_from_manifest(dataset.classes, dataset.manifest.get("hierarchy"))
-    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps], names)
+    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps], names, dataset.class_names)
 
 
 def val_columns(result: dict[str, Any], prefix: str = "val") -> dict[str, Any]:
-    row = {f"{prefix}_{k}": result[k] for k in ("loss", "top1", "top5")}
+    """metrics.csv's columns of an evaluation: loss, top-1, top-5, balanced accuracy, per level, and per class
+    (val_acc_NAME) up to CLASS_COLUMNS classes (summary.json has every class's)."""
+    row = {f"{prefix}_{k}": result[k] for k in ("loss", "top1", "top5", "balanced_acc")}
     row |= {f"{prefix}_{name}": acc for name, acc in (result.get("level_acc") or {}).items()}
+    if len(result["class_acc"]) <= CLASS_COLUMNS:
+        row |= {f"{prefix}_acc_{name}": acc for name, acc in result["class_acc"].items()}
     return row
 
 

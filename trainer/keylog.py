@@ -1,6 +1,7 @@
 """--log-keys: an audit of which samples each optimizer step trained on, one file per rank.
 
-OUT/keys/rank-R.tsv holds `epoch <tab> step <tab> key,key,...` per batch. A resumed run first drops
+OUT/keys/rank-R.tsv holds `epoch <tab> step <tab> key,key,...` per batch: what was drawn, so with --sampling
+other than uniform a key appears once per draw of it (two crops of one image: twice). A resumed run first drops
 the lines after its checkpoint's step (those batches were trained on by the killed run, then undone
 by restoring the checkpoint), so the file always describes the weights that exist.
 """

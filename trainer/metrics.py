@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 CONFUSION_MAX_CLASSES = 50  # more classes: draw the most frequent true classes only
+CLASS_COLUMNS = 50  # more classes: per-class accuracy in summary.json and --json only, not as metrics.csv columns
 _OTHER_TAGS = {"lr": "lr", "img_s": "speed/img_s", "data_wait": "speed/data_wait", "seconds": "speed/seconds"}
 
 
@@ -49,15 +50,18 @@ def level_maps_from_manifest(classes: list[dict[str, Any]],
 
 
 class EvalMeter:
-    """Sums of one evaluation pass: loss, top-1, top-5, confusion matrix, accuracy per hierarchy level.
+    """Sums of one evaluation pass: loss, top-1, top-5, confusion matrix, accuracy per hierarchy level, and
+    from the confusion matrix each class's accuracy (its recall) and their mean (balanced accuracy).
 
     Labels of -1 (unlabelled) count in `num_unlabelled` and nowhere else. Create one per pass.
     LEVEL_NAMES (from level_maps_from_manifest) name the levels in `result()`; default level1, level2, ...
+    CLASS_NAMES name the classes there; default their indexes.
     """
 
     def __init__(self, num_classes: int, level_maps: list[torch.Tensor] | None = None,
-                 level_names: list[str] | None = None) -> None:
+                 level_names: list[str] | None = None, class_names: list[str] | None = None) -> None:
         self.num_classes = num_classes
+        self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         self.topk = min(5, num_classes)
         self._maps = list(level_maps or [])
         self.level_names = list(level_names or [f"level{k + 1}" for k in range(len(self._maps))])
@@ -118,16 +122,27 @@ class EvalMeter:
 
     def result(self) -> dict[str, Any]:
         """loss (mean), top1, top5 (fractions 0..1, None without labelled samples), num_samples (labelled),
-        num_unlabelled, level_acc {level name: fraction}."""
+        num_unlabelled, level_acc {level name: fraction}, class_acc {class name: recall, None for a class
+        without samples}, balanced_acc (the mean recall of the classes with samples)."""
         counts = [0.0] * (5 + len(self._maps)) if self._counts is None else self._counts.tolist()
         n = int(counts[0])
 
         def fraction(value: float) -> float | None:
             return value / n if n else None
 
+        recalls = class_recalls(self.confusion.cpu())
+        present = [r for r in recalls if r is not None]
         return {"loss": fraction(counts[2]), "top1": fraction(counts[3]), "top5": fraction(counts[4]),
                 "num_samples": n, "num_unlabelled": int(counts[1]),
-                "level_acc": {name: fraction(c) for name, c in zip(self.level_names, counts[5:])}}
+                "level_acc": {name: fraction(c) for name, c in zip(self.level_names, counts[5:])},
+                "balanced_acc": sum(present) / len(present) if present else None,
+                "class_acc": dict(zip(self.class_names, recalls))}
+
+
+def class_recalls(confusion: torch.Tensor) -> list[float | None]:
+    """Per true class (a row of CONFUSION), the fraction predicted right; None for a class with no sample."""
+    totals, right = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    return [r / t if t else None for r, t in zip(right, totals)]
 
 
 def _atomic_path(path: Path) -> Path:
@@ -233,7 +248,7 @@ class RunLog:
         """OUT/curves.png: loss (train, val) and accuracy (top1, top5, levels) against epoch."""
         figure = _pyplot_free_figure(11, 4.5)
         loss_ax, acc_ax = figure.subplots(1, 2)
-        accuracy_keys = [k for k in self._columns if k.endswith(("_top1", "_top5")) or "_level" in k]
+        accuracy_keys = [k for k in self._columns if k.endswith(("_top1", "_top5", "_balanced_acc")) or "_level" in k]
         for ax, keys, title in ((loss_ax, ["train_loss", "val_loss"], "loss"), (acc_ax, accuracy_keys, "accuracy")):
             for key in keys:
                 points = [(r["epoch"], r[key]) for r in self._rows if _is_number(r.get(key))]

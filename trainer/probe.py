@@ -185,8 +185,8 @@ def save_probe(config: ProbeConfig, dataset: Dataset, model: Model, choice: Choi
 
 def fit_probe(fit_config: Any, out: Path, progress: Progress = lambda role, done, total: None) -> dict[str, Any]:
     """The probe `trainer fit` starts its head from (LP-FT): FIT_CONFIG's model, weights, data and eval
-    size; the feature cache and the head (probe.pt) in OUT."""
-    config = ProbeConfig(data=fit_config.data, out=str(out), save=str(out / "probe.pt"), model=fit_config.model,
+    size (of several DATA: the first's); the feature cache and the head (probe.pt) in OUT."""
+    config = ProbeConfig(data=fit_config.sources[0], out=str(out), save=str(out / "probe.pt"), model=fit_config.model,
                          weights=fit_config.weights,
                          image_size=fit_config.eval_image_size or fit_config.image_size,
                          workers=fit_config.workers, loader=fit_config.loader, amp=fit_config.amp,

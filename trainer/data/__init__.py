@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from trainer.data.sampling import Sampling
 from trainer.dataset import Shard
 from trainer.remote import Remote
 from trainer.errors import ConfigError
@@ -46,6 +47,7 @@ class LoaderSpec:
     on_corrupt: str = "fail"  # fail: stop with shard and key; skip: count and go on
     device: str = "cpu"
     remote: Remote = Remote()  # how URL shards are read: timeouts, retries, --cache
+    sampling: Sampling | None = None  # training: --sampling/--mix/--epoch-size draws (plan.py); None: every sample once
 
     @property
     def eval_resize(self) -> int:
@@ -111,17 +113,17 @@ def make_loader(spec: LoaderSpec, backend: str) -> Loader:
     return TorchLoader(spec)
 
 
-def resolve_backend(backend: str, device: str, uncached: bool = False) -> str:
-    """The backend make_loader runs for BACKEND (auto: dali on a GPU when installed, else torch; torch for
-    URL shards without --cache, which DALI cannot read)."""
+def resolve_backend(backend: str, device: str, torch_only: bool = False) -> str:
+    """The backend make_loader runs for BACKEND (auto: dali on a GPU when installed, else torch; torch where
+    only it can: URL shards without --cache, sampling)."""
     if backend == "auto":
-        return "dali" if device.startswith("cuda") and dali_available() and not uncached else "torch"
+        return "dali" if device.startswith("cuda") and dali_available() and not torch_only else "torch"
     return backend
 
 
 def spec_backend(spec: LoaderSpec, backend: str) -> str:
-    """The backend make_loader runs for SPEC: resolve_backend with what SPEC's shards allow."""
-    return resolve_backend(backend, spec.device, uncached_urls(spec))
+    """The backend make_loader runs for SPEC: resolve_backend with what SPEC's shards and sampling allow."""
+    return resolve_backend(backend, spec.device, uncached_urls(spec) or spec.sampling is not None)
 
 
 def uncached_urls(spec: LoaderSpec) -> bool:

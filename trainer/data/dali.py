@@ -150,6 +150,9 @@ class DaliLoader:
     def __init__(self, spec: LoaderSpec) -> None:
         if spec.on_corrupt != "fail":
             raise ConfigError("--on-corrupt skip needs --loader torch (DALI stops at the first corrupt image)")
+        if spec.sampling is not None:  # its reader streams whole shards: it cannot draw blocks as plan.py does
+            raise ConfigError("--sampling, --mix and --epoch-size need --loader torch (DALI's reader streams "
+                              "whole shards and cannot follow the sampling plan)")
         self.spec = spec = local_shards(spec)
         self.num_samples = rank_samples(spec.shards, spec.rank, spec.world, spec.train)
         self.num_batches = math.ceil(self.num_samples / spec.batch_size)

@@ -12,7 +12,9 @@ the samples plan.py gave it:
     main:    -> pinned host batch -> device, float, normalised, channels_last
 
 Augmentation draws from a generator seeded by (seed, epoch, key), not from a stream, so a resumed
-epoch gives every sample the crop it would have had.
+epoch gives every sample the crop it would have had. With a sampling (--sampling, --mix, --epoch-size)
+the first stage is draws.py's instead: planned block reads, each sample drawn as often as its label says,
+the first `size` draws; a draw's crop is seeded by (seed, epoch, key, draw).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 from shardtool.process.pil import to_rgb
 from trainer.cache import ShardCache
 from trainer.data import Batch, LoaderSpec, check_label
+from trainer.data.draws import drawn
 from trainer.data.plan import Segment, rank_samples, worker_plan
 from trainer.dataset import is_url
 from trainer.infer import eval_crop, normalize
@@ -258,7 +261,8 @@ def decode(sample: dict[str, Any], spec: LoaderSpec, epoch: int) -> tuple[torch.
     if data is None:
         raise ValueError("no image member")
     image = decode_bytes(data)
-    rng = random.Random(f"{spec.seed}/{epoch}/{key}") if spec.train else None
+    draw = f"/{sample['__draw__']}" if "__draw__" in sample else ""  # one sample drawn twice: two crops
+    rng = random.Random(f"{spec.seed}/{epoch}/{key}{draw}") if spec.train else None
     meta = json.loads(sample["json"]) if "json" in sample else {}
     group = str(meta.get("group", meta.get("_id", key)))
     return transform(image, spec, rng), label, key, group
@@ -294,8 +298,10 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + start_batch) % workers
         plan = worker_plan(spec.shards, seed=spec.seed, epoch=epoch, train=spec.train, rank=spec.rank,
                            world=spec.world, batch_size=spec.batch_size, workers=workers, worker=worker,
-                           start_batch=start_batch, block=self.block)
+                           start_batch=start_batch, block=self.block, sampling=spec.sampling)
         samples: Iterable[dict[str, Any]] = self._raw(plan.segments)
+        if plan.reads is not None:  # sampling: the first `size` draws of the planned reads (segments: none)
+            samples = islice(drawn(plan, self._read, spec, epoch, self.streams), plan.size)
         if spec.train:
             rng = random.Random(f"{spec.seed}/{epoch}/{spec.rank}/{worker}/buffer")
             samples = shuffled(samples, spec.shuffle_buffer, rng)
@@ -361,7 +367,7 @@ class TorchLoader:
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
-        self.num_samples = rank_samples(spec.shards, spec.rank, spec.world, spec.train)
+        self.num_samples = rank_samples(spec.shards, spec.rank, spec.world, spec.train, spec.sampling)
         self.num_batches = math.ceil(self.num_samples / spec.batch_size)
         self.stream = ShardStream(spec)
         self.device = torch.device(spec.device)
