@@ -50,6 +50,7 @@ _QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _pipelines: dict[str, Any] = {}  # one built pipeline per backend in this process
 _failed: list[Any] = []  # a pipeline that failed, kept: shutting it down or building another can segfault
 # What DALI says when the device, driver or memory failed rather than one image's data
+_LEVELS = np.arange(256, dtype=np.int64)  # a histogram bin's pixel value
 _SYSTEM_FAILURE = re.compile(r"CUDA error|CUDA_ERROR|cuda\w*Error|NVJPEG_STATUS_(ALLOCATOR_FAILURE|EXECUTION_FAILED|INTERNAL_ERROR|"
                              r"ARCH_MISMATCH|NOT_INITIALIZED)|out of memory|[Oo]ut of device memory")
 
@@ -241,22 +242,31 @@ def _finish(job: _Job, pixels: np.ndarray | None, spec: pil.OutputSpec) -> Item:
     item = job.item
     if pixels is None:  # DALI failed on the batch
         return pil.process(item.with_(data=job.data, path=None), spec)
-    encoded, written = (job.data, pixels) if job.keep else _encode(pixels, spec)
-    meta = {**item.meta, "width": written.shape[1], "height": written.shape[0]}
+    encoded, written = (job.data, Image.fromarray(pixels)) if job.keep else _encode(pixels, spec)
+    meta = {**item.meta, "width": written.width, "height": written.height}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta, stats=_stats(written))
 
 
-def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, np.ndarray]:
+def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, Image.Image]:
     """(bytes, what a reader decodes from them): JPEG is lossy, so the stats come from a decode, as in pil.py.
 
     PIL's encoder, as the PIL path: the same pixels give the same bytes. simplejpeg's encode_jpeg is 1.6x
     faster (200 vs 320 us at 256x341) but its libjpeg-turbo build writes other pixels (mean difference
     0.5 per channel), which would make the two backends' outputs differ by more than their resizes do.
+    The decode is simplejpeg's (PIL's pixels, 2x faster) into RGBX, which PIL maps without copying it.
     """
-    data = pil.encode(Image.fromarray(pixels), spec)
-    return data, simplejpeg.decode_jpeg(data) if spec.encode == "jpg" else pixels  # = PIL's decode, 2x faster
+    image = Image.fromarray(pixels)
+    data = pil.encode(image, spec)
+    if spec.encode != "jpg":
+        return data, image  # lossless: what a reader decodes is what was encoded
+    decoded = simplejpeg.decode_jpeg(data, colorspace="RGBX")
+    return data, Image.frombuffer("RGBX", (decoded.shape[1], decoded.shape[0]), decoded, "raw", "RGBX", 0, 1)
 
 
-def _stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    flat = pixels.reshape(-1, 3).astype(np.int64)
-    return tuple(map(float, flat.sum(0))), tuple(map(float, (flat * flat).sum(0))), len(flat)
+def _stats(image: Image.Image) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per channel the sum and the sum of squares of an RGB (or RGBX) image, and its pixel count: from PIL's
+    histogram (one pass in C, as pil.py's ImageStat), exact integers as floats; 12x faster than the int64
+    squares of every pixel it replaces (0.5 vs 6 ms at 400x533 here, benchmarks/dali_cpu_work.py)."""
+    counts = np.array(image.histogram()[:768], np.int64).reshape(3, 256)
+    return (tuple(map(float, counts @ _LEVELS)), tuple(map(float, counts @ (_LEVELS * _LEVELS))),
+            image.width * image.height)
