@@ -241,7 +241,7 @@ def test_the_gpu_decoder_upsamples_chroma_as_the_cpu_decoder_does(monkeypatch):
 
     monkeypatch.setattr(fn.decoders, "image", record)
     with pytest.raises(_Recorded):
-        dali._build("dali-gpu")
+        dali._build("dali-gpu", 1)
     assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True
 
 
