@@ -23,7 +23,8 @@ TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing c
           "fit": "Trainer: real data vs the compute-only ceiling",
           "serve": "trainer serve: checkpoint vs ONNX export",
           "decode": "The torch loader's decoder: candidates on the same bytes",
-          "dali_parity": "--backend dali against --backend pil: pixel differences"}
+          "dali_parity": "--backend dali against --backend pil: pixel differences",
+          "dali_cpu_work": "The DALI path's CPU work per image, and pack's process layout"}
 FIGURES = {"memory": ("peak_rss_mb", "peak memory (MB)"), "serve": ("c8_req_s", "requests/s at concurrency 8"),
            "dali_parity": ("worst_difference", "worst mean |PIL - DALI| per channel")}  # what each panel charts; the rest: images/s
 

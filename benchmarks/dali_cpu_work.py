@@ -1,0 +1,166 @@
+"""The DALI path's CPU work: per image before and after issue 34 item 7, and pack's process layout.
+
+    python -m benchmarks.dali_cpu_work [--source DIR] [--every 10] [--repeats 3] [--size 256] [--json]
+
+SOURCE is a class-folder dataset (default: $SHARDTOOL_REAL_DATA/clothing-small, 3,781 JPEGs, mostly 400x533).
+One run, two parts, each with its rows alternated round by round (A B, A B, ...) so that a slow spell of a
+shared machine falls on every row alike; min/median/max over --repeats:
+
+(a) per image, everything the DALI path does in Python around the pipeline run (dali._screen + dali._finish:
+    header parse, strict libjpeg-turbo pass, PIL encode, the decode and the statistics), on every --every-th
+    image, in this process. The pipeline runs once before the timing (dali-cpu) and its pixels are reused, so the
+    rows time the same inputs. "before" is dali._finish as of commit cbf105d, kept below verbatim (_stats' int64
+    squares of every pixel; the decode for them into an RGB array); "after" is today's. Two settings: --resize
+    shorter:SIZE (every image resized and re-encoded) and none (passthrough: each JPEG copied, its statistics
+    from DALI's full-size decode). Both must give the same bytes and statistics: the script stops otherwise.
+(b) `shardtool pack SOURCE --backend dali --resize shorter:SIZE` (dali-cpu here) in images/s with the new layout,
+    one worker process per usable CPU with 1 DALI thread each (--workers N, N the usable CPUs), against the one
+    dali-gpu used to have: one worker process whose DALI has every usable CPU as threads (--workers 1, which
+    now gives that process usable CPUs // 1 threads). Run first, before this process imports DALI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from benchmarks.common import emit, real_data, rel, summary, timed_run, tool
+from benchmarks.dali_parity import samples, spec
+from benchmarks.pack import measure_rounds
+from shardtool.cpus import usable_cpus
+from shardtool.process import dali, pil
+from shardtool.sample import Item, Sample
+
+
+# --- before: shardtool/process/dali.py's _finish, _encode and _stats as of commit cbf105d --------------------
+
+
+def finish_before(job: Any, pixels: np.ndarray, spec: pil.OutputSpec) -> Item:
+    item = job.item
+    encoded, written = (job.data, pixels) if job.keep else encode_before(pixels, spec)
+    meta = {**item.meta, "width": written.shape[1], "height": written.shape[0]}
+    return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta, stats=stats_before(written))
+
+
+def encode_before(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, np.ndarray]:
+    data = pil.encode(Image.fromarray(pixels), spec)
+    return data, simplejpeg.decode_jpeg(data) if spec.encode == "jpg" else pixels
+
+
+def stats_before(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    flat = pixels.reshape(-1, 3).astype(np.int64)
+    return tuple(map(float, flat.sum(0))), tuple(map(float, (flat * flat).sum(0))), len(flat)
+
+
+FINISH = {"before": finish_before, "after": dali._finish}
+
+
+# --- (a) per image -------------------------------------------------------------------------------------------
+
+
+def decoded(items: list[Sample], output: pil.OutputSpec) -> list[np.ndarray]:
+    """DALI's pixels for each item (all of them must be DALI jobs: clothing-small's JPEGs are)."""
+    jobs = [dali._screen(item, output) for item in items]
+    if not all(isinstance(job, dali._Job) for job in jobs):
+        sys.exit("benchmark: some images did not reach DALI (not plain JPEGs?); pick another --source")
+    pixels: list[np.ndarray] = []
+    for start in range(0, len(jobs), dali.MAX_BATCH):
+        pixels += dali._decode(jobs[start:start + dali.MAX_BATCH], output.backend, output.threads) or []
+    return pixels
+
+
+def time_work(items: list[Sample], pixels: list[np.ndarray], output: pil.OutputSpec, finish: Any
+              ) -> tuple[float, float, list[Item]]:
+    """(screen, finish) microseconds per image over ITEMS, and the finished items."""
+    screen_s = finish_s = 0.0
+    done = []
+    for item, image in zip(items, pixels):
+        began = time.perf_counter()
+        job = dali._screen(item, output)
+        screened = time.perf_counter()
+        done.append(finish(job, image, output))
+        finish_s += time.perf_counter() - screened
+        screen_s += screened - began
+    return screen_s / len(items) * 1e6, finish_s / len(items) * 1e6, done
+
+
+def per_image(items: list[Sample], size: int, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for setting, resize in (("resize", f"shorter:{size}"), ("passthrough", "none")):
+        output = replace(spec(resize, "jpg"), threads=dali.threads_per_process(0))  # this process: every CPU
+        pixels = decoded(items, output)
+        seen: dict[str, list[tuple[float, float]]] = {name: [] for name in FINISH}
+        outputs: dict[str, list[Item]] = {}
+        for _ in range(repeats):
+            for name, finish in FINISH.items():
+                screen_us, finish_us, outputs[name] = time_work(items, pixels, output, finish)
+                seen[name].append((screen_us, finish_us))
+        same = [(a.data, a.stats, a.meta) for a in outputs["before"]] == [(b.data, b.stats, b.meta) for b in outputs["after"]]
+        if not same:
+            sys.exit(f"benchmark: before and after differ in bytes, statistics or sizes ({setting})")
+        for name in FINISH:
+            total = [s + f for s, f in seen[name]]
+            rows.append({"name": f"per-image {setting} {name}", "part": "a", "unit": "us/image", **summary(total),
+                         "screen_us": statistics.median(s for s, _ in seen[name]),
+                         "finish_us": statistics.median(f for _, f in seen[name]),
+                         "us_per_image_stats": summary(total), "images": len(items), "identical_output": same})
+        before, after = rows[-2]["median"], rows[-1]["median"]
+        rows[-1]["before_over_after"] = round(before / after, 2)
+    return rows
+
+
+# --- (b) pack's process layout -------------------------------------------------------------------------------
+
+
+def layouts(source: Path, images: int, size: int, repeats: int, work: Path) -> list[dict[str, Any]]:
+    cores = usable_cpus()
+    pack = [tool("shardtool"), "pack", str(source)]
+    runs = [(f"pack {cores} processes x 1 DALI thread", lambda out: [*pack, str(out), "--backend", "dali", "--resize",
+                                                                        f"shorter:{size}", "--workers", str(cores)]),
+            (f"pack 1 process x {cores} DALI threads", lambda out: [*pack, str(out), "--backend", "dali", "--resize",
+                                                                     f"shorter:{size}", "--workers", "1"])]
+    rows = measure_rounds(runs, work / "out", images, repeats)
+    for result in rows:
+        result |= {"part": "b", "unit": "images/s", **result["img_s_stats"]}
+    rows[0]["new_over_old"] = round(rows[0]["img_s"] / rows[1]["img_s"], 2)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=real_data() / "clothing-small", help="a class-folder dataset")
+    parser.add_argument("--every", type=int, default=10, help="(a): every N-th image, in name order")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row")
+    parser.add_argument("--size", type=int, default=256, help="shorter side after resizing")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    files = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
+    if not files:
+        print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
+        return
+    timed_run(["cat", *map(str, files)])  # warm the page cache
+    with tempfile.TemporaryDirectory(prefix="bench-dali-cpu-") as work:
+        results = layouts(args.source, len(files), args.size, args.repeats, Path(work))  # before DALI is imported here
+    results = per_image(samples(files[::args.every]), args.size, args.repeats) + results
+    settings = {"source": rel(args.source), "images": len(files), "per_image_images": len(files[::args.every]),
+                "every": args.every, "repeats": args.repeats, "size": args.size, "usable_cpus": usable_cpus(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "dali": dali.version(), "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
+    notes = ["a shared machine: other work ran beside these rows; the rows alternate so that it falls on all alike"]
+    emit("dali_cpu_work", settings, results, ["name", "unit", "min", "median", "max", "screen_us", "finish_us",
+                                              "before_over_after", "new_over_old"], args.json, notes)
+
+
+if __name__ == "__main__":
+    main()
