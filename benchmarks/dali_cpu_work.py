@@ -1,6 +1,6 @@
 """The DALI path's CPU work: per image before and after issue 34 item 7, and pack's process layout.
 
-    python -m benchmarks.dali_cpu_work [--source DIR] [--every 10] [--repeats 3] [--size 256] [--json]
+    python -m benchmarks.dali_cpu_work [--source DIR] [--every 10] [--repeats 3] [--size 256] [--before DIR] [--json]
 
 SOURCE is a class-folder dataset (default: $SHARDTOOL_REAL_DATA/clothing-small, 3,781 JPEGs, mostly 400x533).
 One run, two parts, each with its rows alternated round by round (A B, A B, ...) so that a slow spell of a
@@ -16,7 +16,10 @@ shared machine falls on every row alike; min/median/max over --repeats:
 (b) `shardtool pack SOURCE --backend dali --resize shorter:SIZE` (dali-cpu here) in images/s with the new layout,
     one worker process per usable CPU with 1 DALI thread each (--workers N, N the usable CPUs), against the one
     dali-gpu used to have: one worker process whose DALI has every usable CPU as threads (--workers 1, which
-    now gives that process usable CPUs // 1 threads). Run first, before this process imports DALI.
+    now gives that process usable CPUs // 1 threads). With --before DIR, a checkout of commit cbf105d (`git
+    archive cbf105d | tar -x -C DIR`), a third row packs with that code in the new layout's process count (its
+    dali-cpu workers took 1 thread each): the per-image change seen in pack's images/s. Run first, before this
+    process imports DALI.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,17 +127,25 @@ def per_image(items: list[Sample], size: int, repeats: int) -> list[dict[str, An
 # --- (b) pack's process layout -------------------------------------------------------------------------------
 
 
-def layouts(source: Path, images: int, size: int, repeats: int, work: Path) -> list[dict[str, Any]]:
+def layouts(source: Path, images: int, size: int, repeats: int, work: Path, before: Path | None
+            ) -> list[dict[str, Any]]:
     cores = usable_cpus()
-    pack = [tool("shardtool"), "pack", str(source)]
-    runs = [(f"pack {cores} processes x 1 DALI thread", lambda out: [*pack, str(out), "--backend", "dali", "--resize",
-                                                                        f"shorter:{size}", "--workers", str(cores)]),
-            (f"pack 1 process x {cores} DALI threads", lambda out: [*pack, str(out), "--backend", "dali", "--resize",
-                                                                     f"shorter:{size}", "--workers", "1"])]
+
+    def pack(workers: int, code: list[str] | None = None) -> Callable[[Path], list[str]]:
+        return lambda out: [*(code or []), tool("shardtool"), "pack", str(source), str(out), "--backend", "dali",
+                            "--resize", f"shorter:{size}", "--workers", str(workers)]
+
+    runs = [(f"pack {cores} processes x 1 DALI thread", pack(cores)),
+            (f"pack 1 process x {cores} DALI threads", pack(1))]
+    if before is not None:
+        runs.append((f"pack {cores} processes x 1 DALI thread, before (cbf105d)",
+                     pack(cores, ["env", f"PYTHONPATH={before.resolve()}"])))
     rows = measure_rounds(runs, work / "out", images, repeats)
     for result in rows:
         result |= {"part": "b", "unit": "images/s", **result["img_s_stats"]}
     rows[0]["new_over_old"] = round(rows[0]["img_s"] / rows[1]["img_s"], 2)
+    if before is not None:
+        rows[0]["after_over_before"] = round(rows[0]["img_s"] / rows[2]["img_s"], 2)
     return rows
 
 
@@ -143,23 +155,27 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="(a): every N-th image, in name order")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row")
     parser.add_argument("--size", type=int, default=256, help="shorter side after resizing")
+    parser.add_argument("--before", type=Path, help="(b): a checkout of commit cbf105d, for a row of pack before")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     files = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
     if not files:
         print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
         return
-    timed_run(["cat", *map(str, files)])  # warm the page cache
-    with tempfile.TemporaryDirectory(prefix="bench-dali-cpu-") as work:
-        results = layouts(args.source, len(files), args.size, args.repeats, Path(work))  # before DALI is imported here
+    if args.before and not (args.before / "shardtool" / "process" / "dali.py").exists():
+        sys.exit(f"--before {args.before}: no shardtool checkout there")
+    timed_run(["cat", *map(str, files)])  # warm the page cache: the images, and DALI's libraries (untimed)
+    timed_run([sys.executable, "-c", "from nvidia.dali import fn, pipeline_def"])
+    with tempfile.TemporaryDirectory(prefix="bench-dali-cpu-") as work:  # (b) first: DALI is not imported here yet
+        results = layouts(args.source, len(files), args.size, args.repeats, Path(work), args.before)
     results = per_image(samples(files[::args.every]), args.size, args.repeats) + results
     settings = {"source": rel(args.source), "images": len(files), "per_image_images": len(files[::args.every]),
                 "every": args.every, "repeats": args.repeats, "size": args.size, "usable_cpus": usable_cpus(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "dali": dali.version(), "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
     notes = ["a shared machine: other work ran beside these rows; the rows alternate so that it falls on all alike"]
-    emit("dali_cpu_work", settings, results, ["name", "unit", "min", "median", "max", "screen_us", "finish_us",
-                                              "before_over_after", "new_over_old"], args.json, notes)
+    columns = ["name", "unit", "min", "median", "max", "screen_us", "finish_us", "before_over_after", "new_over_old"]
+    emit("dali_cpu_work", settings, results, columns + ["after_over_before"] * bool(args.before), args.json, notes)
 
 
 if __name__ == "__main__":
