@@ -7,8 +7,9 @@ One run, two parts, each with its rows alternated round by round (A B, A B, ...)
 shared machine falls on every row alike; min/median/max over --repeats:
 
 (a) per image, everything the DALI path does in Python around the pipeline run (dali._screen + dali._finish:
-    header parse, strict libjpeg-turbo pass, PIL encode, the decode and the statistics), on every --every-th
-    image, in this process. The pipeline runs once before the timing (dali-cpu) and its pixels are reused, so the
+    file read, header parse, strict libjpeg-turbo pass, PIL encode, the decode and the statistics), on every
+    --every-th image, in this process: CPU time of this thread (min/median/max; other work on the machine
+    inflates it least), and the median wall time. The pipeline runs once before the timing (dali-cpu) and its pixels are reused, so the
     rows time the same inputs. "before" is dali._finish as of commit cbf105d, kept below verbatim (_stats' int64
     squares of every pixel; the decode for them into an RGB array); "after" is today's. Two settings: --resize
     shorter:SIZE (every image resized and re-encoded) and none (passthrough: each JPEG copied, its statistics
@@ -85,18 +86,21 @@ def decoded(items: list[Sample], output: pil.OutputSpec) -> list[np.ndarray]:
 
 
 def time_work(items: list[Sample], pixels: list[np.ndarray], output: pil.OutputSpec, finish: Any
-              ) -> tuple[float, float, list[Item]]:
-    """(screen, finish) microseconds per image over ITEMS, and the finished items."""
-    screen_s = finish_s = 0.0
+              ) -> tuple[dict[str, float], list[Item]]:
+    """Microseconds per image over ITEMS: the screen's and the finish's CPU time on this thread (what other work
+    on the machine inflates least), and both together in wall time; and the finished items."""
+    cpu = {"screen": 0.0, "finish": 0.0}
     done = []
+    began = time.perf_counter()
     for item, image in zip(items, pixels):
-        began = time.perf_counter()
+        start = time.thread_time()
         job = dali._screen(item, output)
-        screened = time.perf_counter()
+        screened = time.thread_time()
         done.append(finish(job, image, output))
-        finish_s += time.perf_counter() - screened
-        screen_s += screened - began
-    return screen_s / len(items) * 1e6, finish_s / len(items) * 1e6, done
+        cpu["screen"] += screened - start
+        cpu["finish"] += time.thread_time() - screened
+    seconds = {**cpu, "cpu": cpu["screen"] + cpu["finish"], "wall": time.perf_counter() - began}
+    return {key: value / len(items) * 1e6 for key, value in seconds.items()}, done
 
 
 def per_image(items: list[Sample], size: int, repeats: int) -> list[dict[str, Any]]:
@@ -104,23 +108,22 @@ def per_image(items: list[Sample], size: int, repeats: int) -> list[dict[str, An
     for setting, resize in (("resize", f"shorter:{size}"), ("passthrough", "none")):
         output = replace(spec(resize, "jpg"), threads=dali.threads_per_process(0))  # this process: every CPU
         pixels = decoded(items, output)
-        seen: dict[str, list[tuple[float, float]]] = {name: [] for name in FINISH}
+        seen: dict[str, list[dict[str, float]]] = {name: [] for name in FINISH}
         outputs: dict[str, list[Item]] = {}
         for _ in range(repeats):
             for name, finish in FINISH.items():
-                screen_us, finish_us, outputs[name] = time_work(items, pixels, output, finish)
-                seen[name].append((screen_us, finish_us))
+                times, outputs[name] = time_work(items, pixels, output, finish)
+                seen[name].append(times)
         same = [(a.data, a.stats, a.meta) for a in outputs["before"]] == [(b.data, b.stats, b.meta) for b in outputs["after"]]
         if not same:
             sys.exit(f"benchmark: before and after differ in bytes, statistics or sizes ({setting})")
         for name in FINISH:
-            total = [s + f for s, f in seen[name]]
-            rows.append({"name": f"per-image {setting} {name}", "part": "a", "unit": "us/image", **summary(total),
-                         "screen_us": statistics.median(s for s, _ in seen[name]),
-                         "finish_us": statistics.median(f for _, f in seen[name]),
-                         "us_per_image_stats": summary(total), "images": len(items), "identical_output": same})
-        before, after = rows[-2]["median"], rows[-1]["median"]
-        rows[-1]["before_over_after"] = round(before / after, 2)
+            figures = {key: summary([times[key] for times in seen[name]]) for key in ("cpu", "wall", "screen", "finish")}
+            rows.append({"name": f"per-image {setting} {name}", "part": "a", "unit": "CPU us/image", **figures["cpu"],
+                         "wall_us": figures["wall"]["median"], "screen_us": figures["screen"]["median"],
+                         "finish_us": figures["finish"]["median"], "stats": figures, "images": len(items),
+                         "identical_output": same})
+        rows[-1]["before_over_after"] = round(rows[-2]["median"] / rows[-1]["median"], 2)
     return rows
 
 
@@ -174,7 +177,8 @@ def main() -> None:
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "dali": dali.version(), "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
     notes = ["a shared machine: other work ran beside these rows; the rows alternate so that it falls on all alike"]
-    columns = ["name", "unit", "min", "median", "max", "screen_us", "finish_us", "before_over_after", "new_over_old"]
+    columns = ["name", "unit", "min", "median", "max", "wall_us", "screen_us", "finish_us", "before_over_after",
+               "new_over_old"]
     emit("dali_cpu_work", settings, results, columns + ["after_over_before"] * bool(args.before), args.json, notes)
 
 
