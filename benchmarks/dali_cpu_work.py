@@ -19,13 +19,15 @@ shared machine falls on every row alike; min/median/max over --repeats:
     dali-gpu used to have: one worker process whose DALI has every usable CPU as threads (--workers 1, which
     now gives that process usable CPUs // 1 threads). With --before DIR, a checkout of commit cbf105d (`git
     archive cbf105d | tar -x -C DIR`), a third row packs with that code in the new layout's process count (its
-    dali-cpu workers took 1 thread each): the per-image change seen in pack's images/s. Run first, before this
-    process imports DALI.
+    dali-cpu workers took 1 thread each): the per-image change seen in pack's images/s. Each row's code comes
+    from PYTHONPATH (this checkout, or --before), run from a temporary folder (see layouts). Run first, before
+    this process imports DALI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -40,7 +42,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from benchmarks.common import emit, real_data, rel, summary, timed_run, tool
+from benchmarks.common import REPO, emit, real_data, rel, summary, timed_run, tool
 from benchmarks.dali_parity import samples, spec
 from benchmarks.pack import measure_rounds
 from shardtool.cpus import usable_cpus
@@ -134,16 +136,18 @@ def layouts(source: Path, images: int, size: int, repeats: int, work: Path, befo
             ) -> list[dict[str, Any]]:
     cores = usable_cpus()
 
-    def pack(workers: int, code: list[str] | None = None) -> Callable[[Path], list[str]]:
-        return lambda out: [*(code or []), tool("shardtool"), "pack", str(source), str(out), "--backend", "dali",
-                            "--resize", f"shorter:{size}", "--workers", str(workers)]
+    def pack(workers: int, code: Path = REPO) -> Callable[[Path], list[str]]:
+        return lambda out: ["env", f"PYTHONPATH={code}", tool("shardtool"), "pack", str(source), str(out), "--backend",
+                            "dali", "--resize", f"shorter:{size}", "--workers", str(workers)]
 
     runs = [(f"pack {cores} processes x 1 DALI thread", pack(cores)),
             (f"pack 1 process x {cores} DALI threads", pack(1))]
     if before is not None:
-        runs.append((f"pack {cores} processes x 1 DALI thread, before (cbf105d)",
-                     pack(cores, ["env", f"PYTHONPATH={before.resolve()}"])))
-    rows = measure_rounds(runs, work / "out", images, repeats)
+        runs.append((f"pack {cores} processes x 1 DALI thread, before (cbf105d)", pack(cores, before)))
+    # From WORK: Python 3.11's forkserver imports with the working folder first on its path (it ignores the
+    # sys.path it is given), so run from this checkout, every row's workers would run this checkout's code.
+    with contextlib.chdir(work):
+        rows = measure_rounds(runs, work / "out", images, repeats)
     for result in rows:
         result |= {"part": "b", "unit": "images/s", **result["img_s_stats"]}
     rows[0]["new_over_old"] = round(rows[0]["img_s"] / rows[1]["img_s"], 2)
@@ -170,7 +174,8 @@ def main() -> None:
     timed_run(["cat", *map(str, files)])  # warm the page cache: the images, and DALI's libraries (untimed)
     timed_run([sys.executable, "-c", "from nvidia.dali import fn, pipeline_def"])
     with tempfile.TemporaryDirectory(prefix="bench-dali-cpu-") as work:  # (b) first: DALI is not imported here yet
-        results = layouts(args.source, len(files), args.size, args.repeats, Path(work), args.before)
+        results = layouts(args.source.resolve(), len(files), args.size, args.repeats, Path(work),
+                          args.before and args.before.resolve())
     results = per_image(samples(files[::args.every]), args.size, args.repeats) + results
     settings = {"source": rel(args.source), "images": len(files), "per_image_images": len(files[::args.every]),
                 "every": args.every, "repeats": args.repeats, "size": args.size, "usable_cpus": usable_cpus(),
