@@ -17,11 +17,11 @@ shared machine falls on every row alike; min/median/max over --repeats:
 (b) `shardtool pack SOURCE --backend dali --resize shorter:SIZE` (dali-cpu here) in images/s with the new layout,
     one worker process per usable CPU with 1 DALI thread each (--workers N, N the usable CPUs), against the one
     dali-gpu used to have: one worker process whose DALI has every usable CPU as threads (--workers 1, which
-    now gives that process usable CPUs // 1 threads). With --before DIR, a checkout of commit cbf105d (`git
-    archive cbf105d | tar -x -C DIR`), a third row packs with that code in the new layout's process count (its
-    dali-cpu workers took 1 thread each): the per-image change seen in pack's images/s. Each row's code comes
-    from PYTHONPATH (this checkout, or --before), run from a temporary folder (see layouts). Run first, before
-    this process imports DALI.
+    now gives that process usable CPUs // 1 threads), and `--backend pil` with as many processes for scale.
+    With --before DIR, a checkout of commit cbf105d (`git archive cbf105d | tar -x -C DIR`), one more row packs
+    with that code in the new layout's process count (its dali-cpu workers took 1 thread each): the per-image
+    change seen in pack's images/s. Each row's code comes from PYTHONPATH (this checkout, or --before), run from
+    a temporary folder (see layouts). Run first, before this process imports DALI.
 """
 
 from __future__ import annotations
@@ -136,12 +136,13 @@ def layouts(source: Path, images: int, size: int, repeats: int, work: Path, befo
             ) -> list[dict[str, Any]]:
     cores = usable_cpus()
 
-    def pack(workers: int, code: Path = REPO) -> Callable[[Path], list[str]]:
+    def pack(workers: int, code: Path = REPO, backend: str = "dali") -> Callable[[Path], list[str]]:
         return lambda out: ["env", f"PYTHONPATH={code}", tool("shardtool"), "pack", str(source), str(out), "--backend",
-                            "dali", "--resize", f"shorter:{size}", "--workers", str(workers)]
+                            backend, "--resize", f"shorter:{size}", "--workers", str(workers)]
 
     runs = [(f"pack {cores} processes x 1 DALI thread", pack(cores)),
-            (f"pack 1 process x {cores} DALI threads", pack(1))]
+            (f"pack 1 process x {cores} DALI threads", pack(1)),
+            (f"pack --backend pil, {cores} processes", pack(cores, backend="pil"))]
     if before is not None:
         runs.append((f"pack {cores} processes x 1 DALI thread, before (cbf105d)", pack(cores, before)))
     # From WORK: Python 3.11's forkserver imports with the working folder first on its path (it ignores the
@@ -152,7 +153,8 @@ def layouts(source: Path, images: int, size: int, repeats: int, work: Path, befo
         result |= {"part": "b", "unit": "images/s", **result["img_s_stats"]}
     rows[0]["new_over_old"] = round(rows[0]["img_s"] / rows[1]["img_s"], 2)
     if before is not None:
-        rows[0]["after_over_before"] = round(rows[0]["img_s"] / rows[2]["img_s"], 2)
+        rows[0]["after_over_before"] = round(rows[0]["img_s"] / rows[3]["img_s"], 2)
+    rows[0]["dali_over_pil"] = round(rows[0]["img_s"] / rows[2]["img_s"], 2)
     return rows
 
 
@@ -183,7 +185,7 @@ def main() -> None:
                 "dali": dali.version(), "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
     notes = ["a shared machine: other work ran beside these rows; the rows alternate so that it falls on all alike"]
     columns = ["name", "unit", "min", "median", "max", "wall_us", "screen_us", "finish_us", "before_over_after",
-               "new_over_old"]
+               "new_over_old", "dali_over_pil", "peak_rss_mb"]
     emit("dali_cpu_work", settings, results, columns + ["after_over_before"] * bool(args.before), args.json, notes)
 
 
