@@ -121,21 +121,15 @@ def source_files(config: PackConfig, fmt: str) -> list[str | None]:
     return [None if fmt == "folder" else config.source, config.csv.join, config.categories]
 
 
-def worker_count(requested: int | None, backend: str) -> int | None:
-    """dali-gpu: one worker process (none with --workers 0) whose DALI uses every core, rather than a CUDA
-    context per worker process, all on GPU 0."""
-    if backend != "dali-gpu":
-        return requested
-    return 0 if requested == 0 else 1
-
-
-def executor(config: PackConfig, backend: str) -> Any:
-    """Where the batches run: worker processes here (parallel.Workers) or Ray tasks (ray_workers.RayWorkers)."""
+def executor(config: PackConfig) -> Any:
+    """Where the batches run: worker processes here (parallel.Workers, --workers: the same for every backend,
+    dali-gpu too, each process with its own DALI pipeline: shardtool/process/dali.py) or Ray tasks
+    (ray_workers.RayWorkers)."""
     if config.distributor == "ray":
         from shardtool.ray_workers import RayWorkers
 
         return RayWorkers(config.ray_address)
-    return Workers(worker_count(config.workers, backend))
+    return Workers(config.workers)
 
 
 def prepare_out(config: PackConfig, identity: dict[str, Any], listing: dict[str, Any]) -> Journal:
@@ -191,7 +185,7 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
     publisher = Publisher(config.publish) if config.publish else None  # OUT is a URL (publish.py)
     if publisher is not None:
         publisher.prepare()
-    with executor(config, backend) as workers:  # one pool for the scan and the encoding
+    with executor(config) as workers:  # one pool for the scan and the encoding
         listing = Listing(*source_files(config, fmt))
         found = scan(reader, categories, config.seed, config.stratify and not reader.given_splits, workers, listing)
         if not found.labels and reader.labelled:
@@ -200,7 +194,8 @@ def pack(config: PackConfig, progress: Callable[[Progress], None] | None = None)
         tree = hierarchy(classes, categories)
         journal = prepare_out(config, identity, found.listing.identity())
         splitter = None if reader.given_splits else Splitter(config.split, config.seed, found.groups_by_label or None)
-        spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend)
+        threads = dali.threads_per_process(workers.count)  # DALI's, in each process that runs batches
+        spec = OutputSpec(config.resize, encode, config.quality, config.max_pixels, config.verify, backend, threads)
         index: dict[str | None, int | None] = {entry["name"]: entry["index"] for entry in classes} | {None: None}
         spool = str(journal.spool()) if config.distributor == "local" else None  # Ray: through its object store
         encode_items = partial(encode_batch, spec=spec, classes=index, spool=spool)

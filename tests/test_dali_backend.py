@@ -9,6 +9,7 @@ outputs for the same input and options. DALI's linear antialiased resize and PIL
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import sys
 
@@ -240,5 +241,36 @@ def test_the_gpu_decoder_upsamples_chroma_as_the_cpu_decoder_does(monkeypatch):
 
     monkeypatch.setattr(fn.decoders, "image", record)
     with pytest.raises(_Recorded):
-        dali._build("dali-gpu")
+        dali._build("dali-gpu", 1)
     assert calls[0]["device"] == "mixed" and calls[0]["jpeg_fancy_upsampling"] is True
+
+
+# --- the statistics ------------------------------------------------------------------------------------------
+
+
+def int64_stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """How dali._stats computed them until issue 34: int64 squares of every pixel (6 ms at 400x533)."""
+    flat = pixels.reshape(-1, 3).astype(np.int64)
+    return tuple(map(float, flat.sum(0))), tuple(map(float, (flat * flat).sum(0))), len(flat)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_histogram_stats_are_the_int64_sums_exactly(seed):
+    rng = np.random.default_rng(seed)
+    for shape in [(1, 1, 3), (7, 5, 3), (341, 256, 3), (533, 400, 3), (2000, 1500, 3)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        pixels[0, 0] = (0, 255, 255)  # both ends of the range
+        assert dali._stats(Image.fromarray(pixels)) == int64_stats(pixels), shape
+    flat = np.full((64, 48, 3), 255, np.uint8)
+    assert dali._stats(Image.fromarray(flat)) == int64_stats(flat) == ((255.0 * 3072,) * 3, (65025.0 * 3072,) * 3, 3072)
+
+
+@pytest.mark.parametrize("encode", ["jpg", "png"])
+def test_the_encoded_output_s_stats_describe_what_a_reader_decodes(encode):
+    """_encode's second value (an RGBX view of simplejpeg's decode for JPEG, the encoded image for PNG) has the
+    pixels PIL decodes from the bytes, so the stats are the int64 sums over those."""
+    pixels = np.asarray(noise(160, 120, seed=5))
+    data, written = dali._encode(pixels, spec("none", encode))
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(np.asarray(written)[..., :3], decoded) and written.size == (160, 120)
+    assert dali._stats(written) == int64_stats(decoded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def spec(backend: str = "dali-cpu") -> OutputSpec:
 
 
 def test_a_pipeline_that_cannot_be_built_stops_the_pack_instead_of_skipping_every_image(monkeypatch) -> None:
-    def broken(backend: str):
+    def broken(backend: str, threads: int):
         raise RuntimeError("CUDA error: no CUDA-capable device is detected\nmore lines")
 
     monkeypatch.setattr(dali, "_build", broken)
@@ -50,9 +51,9 @@ def test_a_pipeline_that_cannot_be_built_stops_the_pack_instead_of_skipping_ever
     ("nvjpeg error: NVJPEG_STATUS_EXECUTION_FAILED", "failed"),
 ])
 def test_a_device_failure_while_decoding_stops_the_pack(monkeypatch, message: str, expected: str) -> None:
-    monkeypatch.setattr(dali, "_pipelines", {"dali-cpu": object()})
+    monkeypatch.setattr(dali, "_pipelines", {("dali-cpu", 1): object()})
     monkeypatch.setattr(dali, "_failed", [])
-    monkeypatch.setattr(dali, "_build", lambda backend: object())
+    monkeypatch.setattr(dali, "_build", lambda backend, threads: object())
 
     def fail(pipe, jobs, backend):
         raise RuntimeError(message)
@@ -67,7 +68,7 @@ def test_a_dali_failure_on_good_images_packs_them_and_the_rest_with_pil(monkeypa
     later one go through the PIL path, all of them packed, with one warning line."""
     monkeypatch.setattr(dali, "_pipelines", {})
     monkeypatch.setattr(dali, "_failed", [])
-    monkeypatch.setattr(dali, "_build", lambda backend: object())
+    monkeypatch.setattr(dali, "_build", lambda backend, threads: object())
     runs = []
 
     def fail(pipe, jobs, backend):
@@ -116,11 +117,28 @@ def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch) -> None:
     assert calls == {"set_device": 1, "init": {"backend": "nccl", "device_id": torch.device("cuda", 1)}}
 
 
-def test_dali_gpu_packs_in_one_worker_process() -> None:
-    from shardtool.pack import worker_count
+def test_dali_gpu_packs_in_as_many_worker_processes_as_pil_with_the_cores_shared_among_their_dali_threads(
+        monkeypatch) -> None:
+    """On a 16-core GPU box `pack --backend auto` (dali-gpu) runs 16 worker processes, each with a 1-thread DALI
+    pipeline of its own (was one process with 16 DALI threads, the Python work serial: shardtool/process/dali.py)."""
+    from shardtool import parallel
+    from shardtool.config import PackConfig
+    from shardtool.pack import executor
 
-    assert [worker_count(n, "dali-gpu") for n in (None, 0, 1, 8)] == [1, 0, 1, 1]
-    assert [worker_count(n, "pil") for n in (None, 0, 8)] == [None, 0, 8]
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(dali, "usable_cpus", lambda: 16)
+    for workers, processes, threads in ((None, 16, 1), (0, 0, 16), (1, 1, 16), (4, 4, 4), (5, 5, 3), (32, 32, 1)):
+        with executor(PackConfig("src", "out", backend="dali", workers=workers)) as pool:
+            assert (pool.count, dali.threads_per_process(pool.count)) == (processes, threads), workers
+
+    built = []
+    monkeypatch.setattr(dali, "_pipelines", {})
+    monkeypatch.setattr(dali, "_failed", [])
+    monkeypatch.setattr(dali, "_build", lambda backend, threads: built.append((backend, threads)) or object())
+    monkeypatch.setattr(dali, "_run", lambda pipe, jobs, backend: [np.zeros((*job.geometry.canvas[::-1], 3), np.uint8)
+                                                                   for job in jobs])
+    assert all(isinstance(r, Sample) for r in dali.process_batch(jpegs(3), replace(spec("dali-gpu"), threads=3)))
+    assert built == [("dali-gpu", 3)]  # the spec's count, not a guess in the worker
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="nvidia-dali not installed")

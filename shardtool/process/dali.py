@@ -17,13 +17,27 @@ that process (it segfaulted building the next one in 1 of 3 runs of 120 failed b
 failed pipeline cannot run again either). Every other format takes the PIL path, as damaged images do.
 Should DALI fail on a batch all the same, that batch and the rest of this process's items take the PIL
 path, with one warning line naming the first image: nothing is lost, and the process does not crash.
+
+Processes. pack runs this processor in as many worker processes as the PIL path, dali-gpu included (one per
+usable CPU by default, --workers N), each with a pipeline of its own whose DALI threads share out the usable
+CPUs (threads_per_process: 1 each by default, all of them with --workers 0 or 1), passed in OutputSpec.threads.
+The Python work around DALI (the screen's header parse and strict JPEG pass, PIL's encode, the decode for the
+statistics) stays on the CPU whatever the device, and only processes spread it over the cores; on a GPU,
+nvJPEG takes the decode and resize off them. Every worker process then holds a CUDA context on the GPU (a few
+hundred MB each), cheap on a card that trains models. Until issue 34, dali-gpu ran in one worker process whose
+DALI got every core as threads, to keep to one CUDA context: DALI's threads spread only the decode and resize,
+so that pack did the Python work on one core, several times slower than the PIL path on 16 cores. The workers
+fork from a forkserver (parallel.py), a fresh interpreter rather than a fork of the parent, so they inherit no
+CUDA state from it: the parent calls cuInit (cuda_devices()) and, under --workers auto, runs the first batches
+itself (parallel._auto_map), so it holds one more pipeline and context, idle after them. A small card on a
+machine with many cores could run out of memory (DALI's "out of memory" stops the pack with one line);
+--workers N lowers the count.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import multiprocessing
 import re
 import sys
 from dataclasses import dataclass
@@ -47,8 +61,9 @@ CPU_AUTO = "pil"  # --backend auto without a GPU: the faster on CPU here (benchm
 # TIFF, which DALI decodes too, are checked by nothing short of a full decode, so they take the PIL path.
 DALI_MODES = {"JPEG": {"RGB", "L", "CMYK"}, "MPO": {"RGB", "L", "CMYK"}}
 _QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-_pipelines: dict[str, Any] = {}  # one built pipeline per backend in this process
+_pipelines: dict[tuple[str, int], Any] = {}  # one built pipeline per (backend, threads) in this process
 _failed: list[Any] = []  # a pipeline that failed, kept: shutting it down or building another can segfault
+_LEVELS = np.arange(256, dtype=np.int64)  # a histogram bin's pixel value
 # What DALI says when the device, driver or memory failed rather than one image's data
 _SYSTEM_FAILURE = re.compile(r"CUDA error|CUDA_ERROR|cuda\w*Error|NVJPEG_STATUS_(ALLOCATOR_FAILURE|EXECUTION_FAILED|INTERNAL_ERROR|"
                              r"ARCH_MISMATCH|NOT_INITIALIZED)|out of memory|[Oo]ut of device memory")
@@ -87,6 +102,12 @@ def cuda_devices() -> int:
     return count.value
 
 
+def threads_per_process(processes: int) -> int:
+    """DALI's CPU threads in each process that runs batches: the usable CPUs shared among PROCESSES worker
+    processes (0: the batches run in this process, which gets them all)."""
+    return max(1, usable_cpus() // max(1, processes))
+
+
 def version() -> str:
     import nvidia.dali
 
@@ -101,7 +122,7 @@ def process_batch(items: list[Item], spec: pil.OutputSpec) -> list[Item]:
     jobs = [(index, job) for index, job in enumerate(results) if isinstance(job, _Job)]
     for start in range(0, len(jobs), MAX_BATCH):
         chunk = jobs[start:start + MAX_BATCH]
-        decoded = _decode([job for _, job in chunk], spec.backend)
+        decoded = _decode([job for _, job in chunk], spec.backend, spec.threads)
         for (index, job), pixels in zip(chunk, decoded or [None] * len(chunk)):
             results[index] = _finish(job, pixels, spec)
     return results  # type: ignore[return-value]  # every _Job was replaced
@@ -160,16 +181,16 @@ def _dali_decodes(image: Image.Image, turn: int | None) -> bool:
     return turn in (None, 1) or image.format in ("JPEG", "MPO")
 
 
-def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray] | None:
+def _decode(jobs: list[_Job], backend: str, threads: int) -> list[np.ndarray] | None:
     """Each job's RGB pixels at its planned size; None when DALI failed on the batch (the PIL path takes it).
 
     A failure that is not about the images stops the pack with one line instead: the pipeline cannot be
     built (CUDA, driver, nvJPEG, memory), or DALI names CUDA or memory."""
-    pipe = _pipeline(backend)  # outside the try: a pipeline that cannot be built is no image's fault
+    pipe = _pipeline(backend, threads)  # outside the try: a pipeline that cannot be built is no image's fault
     try:
         return _run(pipe, jobs, backend)
     except RuntimeError as error:  # how DALI reports an operator's failure; the pipeline is unusable after it
-        _failed.append(_pipelines.pop(backend))
+        _failed.append(_pipelines.pop((backend, threads)))
         if _SYSTEM_FAILURE.search(str(error)):
             raise PackError(f"DALI ({backend}) failed: {_reason(error)}; --backend pil packs without DALI") from None
         print(f"warning: DALI ({backend}) failed on a batch of {len(jobs)} images that libjpeg-turbo decodes "
@@ -178,14 +199,14 @@ def _decode(jobs: list[_Job], backend: str) -> list[np.ndarray] | None:
         return None
 
 
-def _pipeline(backend: str) -> Any:
-    if backend not in _pipelines:
+def _pipeline(backend: str, threads: int) -> Any:
+    if (backend, threads) not in _pipelines:
         try:
-            _pipelines[backend] = _build(backend)
+            _pipelines[backend, threads] = _build(backend, threads)
         except RuntimeError as error:
             raise PackError(f"DALI could not set up its {backend} pipeline: {_reason(error)}; "
                             "--backend pil packs without DALI") from None
-    return _pipelines[backend]
+    return _pipelines[backend, threads]
 
 
 def _run(pipe: Any, jobs: list[_Job], backend: str) -> list[np.ndarray]:
@@ -206,14 +227,14 @@ def _run(pipe: Any, jobs: list[_Job], backend: str) -> list[np.ndarray]:
 DECODER = {"jpeg_fancy_upsampling": True}
 
 
-def _build(backend: str) -> Any:
-    """The pipeline: encoded bytes + per-sample size, crop anchor and canvas in; uint8 HWC RGB out."""
+def _build(backend: str, threads: int) -> Any:
+    """The pipeline: encoded bytes + per-sample size, crop anchor and canvas in; uint8 HWC RGB out.
+
+    On GPU 0 (the first of CUDA_VISIBLE_DEVICES) in every worker process: one GPU's decoders outpace the CPU
+    work of all the cores (module docstring), and a pool's worker process has no index to pick a device by."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = backend == "dali-gpu"
-    # In a pack worker process the other cores have workers of their own; in-process, or in the one worker
-    # pack starts for dali-gpu, DALI's threads use them.
-    threads = 1 if multiprocessing.parent_process() and not gpu else usable_cpus()
 
     @pipeline_def(batch_size=MAX_BATCH, num_threads=threads, device_id=0 if gpu else None, exec_async=False,
                   exec_pipelined=False, prefetch_queue_depth=1)
@@ -241,22 +262,31 @@ def _finish(job: _Job, pixels: np.ndarray | None, spec: pil.OutputSpec) -> Item:
     item = job.item
     if pixels is None:  # DALI failed on the batch
         return pil.process(item.with_(data=job.data, path=None), spec)
-    encoded, written = (job.data, pixels) if job.keep else _encode(pixels, spec)
-    meta = {**item.meta, "width": written.shape[1], "height": written.shape[0]}
+    encoded, written = (job.data, Image.fromarray(pixels)) if job.keep else _encode(pixels, spec)
+    meta = {**item.meta, "width": written.width, "height": written.height}
     return item.with_(data=encoded, path=None, raw_shape=None, ext=spec.encode, meta=meta, stats=_stats(written))
 
 
-def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, np.ndarray]:
+def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, Image.Image]:
     """(bytes, what a reader decodes from them): JPEG is lossy, so the stats come from a decode, as in pil.py.
 
     PIL's encoder, as the PIL path: the same pixels give the same bytes. simplejpeg's encode_jpeg is 1.6x
     faster (200 vs 320 us at 256x341) but its libjpeg-turbo build writes other pixels (mean difference
     0.5 per channel), which would make the two backends' outputs differ by more than their resizes do.
+    The decode is simplejpeg's (PIL's pixels, 2x faster) into RGBX, which PIL maps without copying it.
     """
-    data = pil.encode(Image.fromarray(pixels), spec)
-    return data, simplejpeg.decode_jpeg(data) if spec.encode == "jpg" else pixels  # = PIL's decode, 2x faster
+    image = Image.fromarray(pixels)
+    data = pil.encode(image, spec)
+    if spec.encode != "jpg":
+        return data, image  # lossless: what a reader decodes is what was encoded
+    decoded = simplejpeg.decode_jpeg(data, colorspace="RGBX")
+    return data, Image.frombuffer("RGBX", (decoded.shape[1], decoded.shape[0]), decoded, "raw", "RGBX", 0, 1)
 
 
-def _stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    flat = pixels.reshape(-1, 3).astype(np.int64)
-    return tuple(map(float, flat.sum(0))), tuple(map(float, (flat * flat).sum(0))), len(flat)
+def _stats(image: Image.Image) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per channel the sum and the sum of squares of an RGB (or RGBX) image, and its pixel count: from PIL's
+    histogram (one pass in C, as pil.py's ImageStat), exact integers as floats; 12x faster than the int64
+    squares of every pixel it replaces (0.5 vs 6 ms at 400x533 here, benchmarks/dali_cpu_work.py)."""
+    counts = np.array(image.histogram()[:768], np.int64).reshape(3, 256)
+    return (tuple(map(float, counts @ _LEVELS)), tuple(map(float, counts @ (_LEVELS * _LEVELS))),
+            image.width * image.height)

@@ -32,6 +32,7 @@ class OutputSpec:
     max_pixels: int
     verify: str = "full"  # or "header": inputs already in the output spec are copied after a header parse
     backend: str = "pil"  # or "dali-cpu" / "dali-gpu": shardtool/process/dali.py decodes and resizes
+    threads: int = 1  # DALI's CPU threads in each process that runs batches (pack: dali.threads_per_process)
 
 
 def process(item: Item, spec: OutputSpec) -> Item:
