@@ -232,5 +232,5 @@ def test_auto_takes_the_torch_loader_for_urls_without_a_cache(monkeypatch: pytes
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     assert data.resolve_backend("auto", "cuda:0") == "dali"
-    assert data.resolve_backend("auto", "cuda:0", uncached=True) == "torch"
-    assert data.resolve_backend("dali", "cuda:0", uncached=True) == "dali"  # asked for: local_shards says why not
+    assert data.resolve_backend("auto", "cuda:0", torch_only=True) == "torch"
+    assert data.resolve_backend("dali", "cuda:0", torch_only=True) == "dali"  # asked for: local_shards says why not
