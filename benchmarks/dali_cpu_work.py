@@ -9,9 +9,10 @@ shared machine falls on every row alike; min/median/max over --repeats:
 (a) per image, everything the DALI path does in Python around the pipeline run (dali._screen + dali._finish:
     file read, header parse, strict libjpeg-turbo pass, PIL encode, the decode and the statistics), on every
     --every-th image, in this process: CPU time of this thread (min/median/max; other work on the machine
-    inflates it least), and the median wall time. The pipeline runs once before the timing (dali-cpu) and its pixels are reused, so the
-    rows time the same inputs. "before" is dali._finish as of commit cbf105d, kept below verbatim (_stats' int64
-    squares of every pixel; the decode for them into an RGB array); "after" is today's. Two settings: --resize
+    inflates it least), and the median wall time. The pipeline runs once before the timing (dali-cpu) and its
+    pixels are reused, so the rows time the same inputs. "before" is dali._finish as of commit cbf105d, kept
+    below verbatim (_stats' int64 squares of every pixel; the decode for them into an RGB array); "after" is
+    today's. Two settings: --resize
     shorter:SIZE (every image resized and re-encoded) and none (passthrough: each JPEG copied, its statistics
     from DALI's full-size decode). Both must give the same bytes and statistics: the script stops otherwise.
 (b) `shardtool pack SOURCE --backend dali --resize shorter:SIZE` (dali-cpu here) in images/s with the new layout,
@@ -116,11 +117,13 @@ def per_image(items: list[Sample], size: int, repeats: int) -> list[dict[str, An
             for name, finish in FINISH.items():
                 times, outputs[name] = time_work(items, pixels, output, finish)
                 seen[name].append(times)
-        same = [(a.data, a.stats, a.meta) for a in outputs["before"]] == [(b.data, b.stats, b.meta) for b in outputs["after"]]
+        same = [(a.data, a.stats, a.meta) for a in outputs["before"]] == [(b.data, b.stats, b.meta)
+                                                                          for b in outputs["after"]]
         if not same:
             sys.exit(f"benchmark: before and after differ in bytes, statistics or sizes ({setting})")
         for name in FINISH:
-            figures = {key: summary([times[key] for times in seen[name]]) for key in ("cpu", "wall", "screen", "finish")}
+            figures = {key: summary([times[key] for times in seen[name]])
+                       for key in ("cpu", "wall", "screen", "finish")}
             rows.append({"name": f"per-image {setting} {name}", "part": "a", "unit": "CPU us/image", **figures["cpu"],
                          "wall_us": figures["wall"]["median"], "screen_us": figures["screen"]["median"],
                          "finish_us": figures["finish"]["median"], "stats": figures, "images": len(items),
@@ -182,7 +185,8 @@ def main() -> None:
     settings = {"source": rel(args.source), "images": len(files), "per_image_images": len(files[::args.every]),
                 "every": args.every, "repeats": args.repeats, "size": args.size, "usable_cpus": usable_cpus(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "dali": dali.version(), "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
+                "dali": dali.version(),
+                "before": "shardtool/process/dali.py _finish as of cbf105d (kept in this script)"}
     notes = ["a shared machine: other work ran beside these rows; the rows alternate so that it falls on all alike"]
     columns = ["name", "unit", "min", "median", "max", "wall_us", "screen_us", "finish_us", "before_over_after",
                "new_over_old", "dali_over_pil", "peak_rss_mb"]

@@ -26,7 +26,8 @@ statistics) stays on the CPU whatever the device, and only processes spread it o
 nvJPEG takes the decode and resize off them. Every worker process then holds a CUDA context on the GPU (a few
 hundred MB each), cheap on a card that trains models. Until issue 34, dali-gpu ran in one worker process whose
 DALI got every core as threads, to keep to one CUDA context: DALI's threads spread only the decode and resize,
-so that pack did the Python work on one core, several times slower than the PIL path on 16 cores. The workers
+so that pack did the Python work on one core, several times slower than the PIL path on 16 cores (on 2 cores
+here, dali-cpu packs 1.32x as fast in 2 processes x 1 thread as in 1 x 2: benchmarks/dali_cpu_work.py). The workers
 fork from a forkserver (parallel.py), a fresh interpreter rather than a fork of the parent, so they inherit no
 CUDA state from it: the parent calls cuInit (cuda_devices()) and, under --workers auto, runs the first batches
 itself (parallel._auto_map), so it holds one more pipeline and context, idle after them. A small card on a
@@ -230,8 +231,9 @@ DECODER = {"jpeg_fancy_upsampling": True}
 def _build(backend: str, threads: int) -> Any:
     """The pipeline: encoded bytes + per-sample size, crop anchor and canvas in; uint8 HWC RGB out.
 
-    On GPU 0 (the first of CUDA_VISIBLE_DEVICES) in every worker process: one GPU's decoders outpace the CPU
-    work of all the cores (module docstring), and a pool's worker process has no index to pick a device by."""
+    On GPU 0 (the first of CUDA_VISIBLE_DEVICES) in every worker process: a pool's worker process has no index
+    to pick a device by, and spreading by process id would load the GPUs unevenly. (Whether one GPU keeps up
+    with the CPU work of 16 processes, about 600 images/s each here, is not measured: no GPU was lent.)"""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = backend == "dali-gpu"
@@ -286,7 +288,8 @@ def _encode(pixels: np.ndarray, spec: pil.OutputSpec) -> tuple[bytes, Image.Imag
 def _stats(image: Image.Image) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """Per channel the sum and the sum of squares of an RGB (or RGBX) image, and its pixel count: from PIL's
     histogram (one pass in C, as pil.py's ImageStat), exact integers as floats; 12x faster than the int64
-    squares of every pixel it replaces (0.5 vs 6 ms at 400x533 here, benchmarks/dali_cpu_work.py)."""
+    squares of every pixel it replaces (0.51 vs 6.5 ms for a 400x533 image here: the passthrough finish in
+    benchmarks/results/dali_cpu_work.json)."""
     counts = np.array(image.histogram()[:768], np.int64).reshape(3, 256)
     return (tuple(map(float, counts @ _LEVELS)), tuple(map(float, counts @ (_LEVELS * _LEVELS))),
             image.width * image.height)
