@@ -46,6 +46,14 @@ def real_data() -> Path:
     return Path(os.environ.get("SHARDTOOL_REAL_DATA", REPO.parent / "shared" / "data"))
 
 
+def source_jpegs(source: Path) -> list[Path]:
+    """The JPEGs of a class-folder dataset (--source), sorted; none after saying why the benchmark is skipped."""
+    found = sorted(source.rglob("*.jpg")) if source.is_dir() else []
+    if not found:
+        print(f"skipped: {source} holds no JPEGs (pass --source, a class-folder dataset)")
+    return found
+
+
 def machine() -> dict[str, Any]:
     versions = {}
     for package in PACKAGES:

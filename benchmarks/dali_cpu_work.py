@@ -43,7 +43,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from benchmarks.common import REPO, emit, real_data, rel, summary, timed_run, tool
+from benchmarks.common import REPO, emit, real_data, rel, source_jpegs, summary, timed_run, tool
 from benchmarks.dali_parity import samples, spec
 from benchmarks.pack import measure_rounds
 from shardtool.cpus import usable_cpus
@@ -170,9 +170,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="(b): a checkout of commit cbf105d, for a row of pack before")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    files = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
+    files = source_jpegs(args.source)
     if not files:
-        print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
         return
     if args.before and not (args.before / "shardtool" / "process" / "dali.py").exists():
         sys.exit(f"--before {args.before}: no shardtool checkout there")

@@ -28,7 +28,8 @@ CORE = ["pymongo", "dnspython", "simplejpeg", "webdataset", "braceexpand", "pyya
         "tensorboard", "protobuf", "absl-py", "markdown", "werkzeug", "markupsafe", "six",
         "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing", "python-dateutil"]
 DALI_NEEDS = ["astunparse", "gast", "libcst", "makefun", "nvtx", "optree", "packaging", "six", "wheel", "pyyaml",
-              "typing-extensions"]  # nvidia-dali-cuda130's requirements (pip show), besides its nvidia-* libraries
+              "typing-extensions"]  # nvidia-dali-cuda130 2.4's requirements (pip show), besides its nvidia-* libraries;
+# read from its metadata here, not rehearsed (the CPU rehearsal runs without DALI)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "any"]
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, other_venv, real_data, rel, row, timed_run, tool
+from benchmarks.common import add_ratio, emit, other_venv, real_data, rel, row, source_jpegs, timed_run, tool
 from shardtool.cpus import usable_cpus
 
 CONVERT = """
@@ -168,9 +168,8 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated subset of the rows [all that can run here]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    photos = sorted(args.source.rglob("*.jpg")) if args.source.is_dir() else []
+    photos = source_jpegs(args.source)
     if not photos:
-        print(f"skipped: {args.source} holds no JPEGs (pass --source, a class-folder dataset)")
         return
     cores = usable_cpus()  # what the pool rows may use (affinity, CFS quota), not the host's count
     work = Path(tempfile.mkdtemp(prefix="bench-pack-"))

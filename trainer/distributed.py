@@ -85,17 +85,18 @@ def from_main(work: Callable[[], T], timeout: timedelta = LONG_WAIT) -> T:
         return work()
     group = dist.new_group(backend="gloo", timeout=timeout)  # every rank creates it, here, in the same order
     message: list[object] = [None]
+    failure: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            message[0] = ("ok", work())
+        except Exception as error:  # sent to the waiting ranks first, then raised here as it was
+            failure, message[0] = error, ("failed", (str(error).splitlines() or [type(error).__name__])[0])
     try:
-        if dist.get_rank() == 0:
-            try:
-                message[0] = ("ok", work())
-            except Exception as error:  # sent to the waiting ranks, then raised here as it was
-                message[0] = ("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
-                dist.broadcast_object_list(message, src=0, group=group)
-                raise
         dist.broadcast_object_list(message, src=0, group=group)
     finally:
         dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
     status, value = message[0]  # type: ignore[misc]
     if status != "ok":
         raise TrainError(f"rank 0 failed before training started: {value}")

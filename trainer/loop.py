@@ -4,8 +4,8 @@ Both take a Loader epoch iterator, so they never know which backend decoded the 
 keeps running sums (loss, correct, seen) in a dict that the checkpoint carries, so a run resumed in
 the middle of an epoch reports the same epoch metrics as one that never stopped.
 
-The loss and the top-1 hits of each step are summed on the device and read every READ_EVERY steps (and
-whenever a checkpoint is due, through Step.read): reading them each step (`loss.item()`) would make the
+The loss and the top-1 hits of each step stay on the device and are read every READ_EVERY steps (and
+whenever a checkpoint is due, through Step.read), one transfer for all of them: reading them each step (`loss.item()`) would make the
 host wait for the GPU at every step, with no batch queued behind it. A nan or inf loss still stops the
 run at the next read, before anything saves the weights it made (fit.check_finite guards each save too).
 """

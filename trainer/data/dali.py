@@ -73,8 +73,8 @@ def decode_augment(encoded: Any, spec: LoaderSpec, decoder: str) -> Any:
     from nvidia.dali import fn, types
 
     size = spec.image_size
-    # nvJPEG's buffers grow in these steps instead of reallocating for each larger image (DALI's ResNet-50
-    # example uses these sizes); the CPU decoder takes no such arguments
+    # nvJPEG's device and pinned host buffers are allocated this much larger than asked, so a bigger image
+    # seldom makes them reallocate (the sizes DALI's ResNet-50 example uses); the CPU decoder takes none
     buffers = {"device_memory_padding": 211025920, "host_memory_padding": 140544512} if decoder == "mixed" else {}
     norm = {"dtype": types.FLOAT, "output_layout": "HWC", "mean": [m * 255 for m in spec.mean],
             "std": [s * 255 for s in spec.std]}
