@@ -48,28 +48,13 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import CACHE, emit, real_data, tool
+from benchmarks.common import CACHE, emit, pack_args, real_data, tool
 
 RECIPE = ["--image-size", "192", "--eval-image-size", "224", "--epochs", "9"]
 COLUMNS = ["name", "seed", "train_images", "val_images", "probe_val", "probe_test", "fit_val", "fit_test", "best_epoch",
            "gain_images", "val_won", "val_lost", "val_p", "test_won", "test_lost", "test_p", "start_val",
            "unfrozen_val", "epoch1_images", "epoch1_val_won", "epoch1_val_lost", "epoch1_val_p", "epoch1_test_won",
            "epoch1_test_lost", "epoch1_test_p", "fit_minutes", "img_s", "probe_seconds"]
-
-
-def pack_args(name: str, real: Path) -> list[str]:
-    """`shardtool pack` arguments for dataset NAME (without OUT)."""
-    if name == "clothing-small":
-        return [str(real / name), "--resize", "shorter:256"]
-    if name == "fb-marketplace":
-        fb = real / name
-        return [str(fb / "Images.csv"), "--images", str(fb / "images"), "--image-col", "id", "--image-suffix", ".jpg",
-                "--join", str(fb / "Products.csv"), "--join-on", "product_id=id", "--label-col", "category",
-                "--label-level", "1", "--split", "val=0.15,test=0.15", "--resize", "shorter:256",
-                "--max-skip-fraction", "1"]
-    if name == "fashion-mnist":
-        return [str(real / name / "fashion-mnist_test.csv"), "--split", "val=0.15,test=0.15", "--stratify"]
-    raise ValueError(f"unknown dataset {name}")
 
 
 def packed(name: str, real: Path) -> Path:

@@ -14,19 +14,27 @@ and results/<name>.md (the markdown table); benchmarks/report.py renders them al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the other virtualenv runs this module, without shardtool
+    from shardtool.process.pil import OutputSpec
+    from shardtool.sample import Sample
 
 # Where results/*.json go; tests point it elsewhere so a smoke run never overwrites the measured ones.
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).parent / "results")
@@ -294,3 +302,150 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
     return "" if value is None else str(value)
+
+
+# ---- data every benchmark may start from ----------------------------------------------------------------------
+
+
+def default_data() -> Path:
+    """clothing-small packed at shorter:256 (what the README's training recipe uses), made once."""
+    real = real_data()
+    source, out = real / "clothing-small", CACHE / "clothing-small-256"
+    if not (out / "dataset.json").exists():
+        if not source.is_dir():
+            sys.exit(f"{source} not found: pass --data (shards packed by shardtool) or set SHARDTOOL_REAL_DATA")
+        subprocess.run([tool("shardtool"), "pack", str(source), str(out), "--resize", "shorter:256",
+                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def pack_args(name: str, real: Path) -> list[str]:
+    """`shardtool pack` arguments for dataset NAME (without OUT)."""
+    if name == "clothing-small":
+        return [str(real / name), "--resize", "shorter:256"]
+    if name == "fb-marketplace":
+        fb = real / name
+        return [str(fb / "Images.csv"), "--images", str(fb / "images"), "--image-col", "id", "--image-suffix", ".jpg",
+                "--join", str(fb / "Products.csv"), "--join-on", "product_id=id", "--label-col", "category",
+                "--label-level", "1", "--split", "val=0.15,test=0.15", "--resize", "shorter:256",
+                "--max-skip-fraction", "1"]
+    if name == "fashion-mnist":
+        return [str(real / name / "fashion-mnist_test.csv"), "--split", "val=0.15,test=0.15", "--stratify"]
+    raise ValueError(f"unknown dataset {name}")
+
+
+# ---- commands timed round by round (pack, pack_bson, dali_cpu_work) ----------------------------------------------
+
+
+Argv = Callable[[Path], list[str]]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run."""
+    return measure_rounds([(name, argv_for)], out, images, repeats, env)[0]
+
+
+def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats: int,
+                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """measure() for several commands, alternated round by round (A B C, A B C, ...), so a slow spell of
+    a shared machine falls on every row alike instead of on whichever ran then.
+
+    Each run starts after os.sync(), so none pays for writing back the last one's output: a run that
+    leaves its output in the page cache (the bare copy does) would otherwise slow down the next one."""
+    seconds: dict[str, list[float]] = {name: [] for name, _ in runs}
+    rss: dict[str, list[float]] = {name: [] for name, _ in runs}
+    out_mb: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, argv_for in runs:
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            wall, peak = timed_run(argv_for(out), env)
+            seconds[name].append(wall)
+            rss[name].append(peak)
+            out_mb[name] = folder_bytes(out) / 1e6
+    return [row(name, [images / s for s in seconds[name]], rss[name], out_mb=out_mb[name]) for name, _ in runs]
+
+
+# ---- the loader rows' shared parts (loader, others: stdlib at the top, the other virtualenv imports this) --------
+
+LOADER_BATCH, LOADER_SIZE, LOADER_WORKERS = 64, 224, 2
+
+
+def train_members(shards: Path) -> Iterator[tuple[str, bytes, int]]:
+    """(key, JPEG bytes, class index) of every training sample, in shard order; stdlib only, so the
+    other virtualenv can run it."""
+    manifest = json.loads((shards / "dataset.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        pending: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shards / shard["name"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                sample = pending.setdefault(key, {})
+                sample[ext] = data
+                if "jpg" in sample and "cls" in sample:
+                    yield key, sample["jpg"], int(pending.pop(key)["cls"])
+
+
+def copy_dir(shards: Path, kind: str) -> Path:
+    """Where a converted copy of SHARDS lives in the cache: named by the manifest's hash, so another
+    dataset in a folder of the same name never reuses a stale copy."""
+    digest = hashlib.sha256((shards / "dataset.json").read_bytes()).hexdigest()[:12]
+    return CACHE / f"{shards.name}-{digest}-{kind}"
+
+
+def time_epochs(epoch: Callable[[int], Iterable[Any]], epochs: int, expected: int) -> list[float]:
+    """images/s of each timed epoch after one warm-up; every epoch must yield EXPECTED images."""
+    rates = []
+    for index in range(epochs + 1):
+        start, seen = time.perf_counter(), 0
+        for images in epoch(index):
+            seen += len(images)
+        seconds = time.perf_counter() - start
+        if abs(seen - expected) >= LOADER_BATCH:  # DALI pads or drops to whole batches; nothing else may differ
+            sys.exit(f"an epoch yielded {seen} images, expected {expected}")
+        if index:
+            rates.append(seen / seconds)
+    return rates
+
+
+def torchvision_transform() -> Any:
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.RandomResizedCrop(LOADER_SIZE), transforms.RandomHorizontalFlip(),
+                               transforms.PILToTensor()])
+
+
+def data_loader(dataset: Any, **options: Any) -> Any:
+    from torch.utils.data import DataLoader
+
+    options.setdefault("batch_size", LOADER_BATCH)
+    return DataLoader(dataset, num_workers=LOADER_WORKERS, persistent_workers=True, prefetch_factor=4, **options)
+
+
+def images_of(batches: Iterable[Any]) -> Iterator[Any]:
+    for batch in batches:
+        yield batch[0]
+
+
+# ---- the DALI and PIL pack backends on the same files (dali_parity, dali_cpu_work, tests) ------------------------
+
+
+def spec(resize: str, encode: str = "jpg", backend: str = "dali-cpu") -> OutputSpec:
+    """Pack's output options for RESIZE and ENCODE on BACKEND."""
+    from shardtool.config import parse_resize
+    from shardtool.process import pil
+
+    return pil.OutputSpec(parse_resize(resize), encode, 90, 89_478_485, backend=backend)
+
+
+def samples(files: list[Path]) -> list[Sample]:
+    """FILES as the samples a reader would hand to pack's workers."""
+    from shardtool.sample import Sample
+
+    return [Sample(key=str(i), label="x", group=str(i), source=str(f), path=str(f)) for i, f in enumerate(files)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import statistics
 import sys
 import tempfile
 import time
@@ -43,9 +42,19 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from benchmarks.common import REPO, emit, real_data, rel, source_jpegs, summary, timed_run, tool
-from benchmarks.dali_parity import samples, spec
-from benchmarks.pack import measure_rounds
+from benchmarks.common import (
+    REPO,
+    emit,
+    measure_rounds,
+    real_data,
+    rel,
+    samples,
+    source_jpegs,
+    spec,
+    summary,
+    timed_run,
+    tool,
+)
 from shardtool.cpus import usable_cpus
 from shardtool.process import dali, pil
 from shardtool.sample import Item, Sample

@@ -17,13 +17,11 @@ import io
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import emit, real_data, rel
-from shardtool.config import parse_resize
+from benchmarks.common import emit, real_data, rel, samples, spec
 from shardtool.process import dali, pil
 from shardtool.sample import Sample, Skip
 
@@ -31,14 +29,6 @@ BATCH = 32
 # name, files under the real data root, --resize, output encoding: what the README's pack examples use
 SETS = (("clothing-small", "clothing-small/**/*.jpg", "shorter:256", "jpg"),
         ("fb-marketplace", "fb-marketplace/images/*.jpg", "fit:224", "jpg"))
-
-
-def spec(resize: str, encode: str = "jpg", backend: str = "dali-cpu") -> pil.OutputSpec:
-    return pil.OutputSpec(parse_resize(resize), encode, 90, 89_478_485, backend=backend)
-
-
-def samples(files: list[Path]) -> list[Sample]:
-    return [Sample(key=str(i), label="x", group=str(i), source=str(f), path=str(f)) for i, f in enumerate(files)]
 
 
 def pixels(item: Sample) -> np.ndarray | None:

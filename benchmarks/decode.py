@@ -72,7 +72,7 @@ def encoded_images(shards: Any, count: int) -> dict[str, list[bytes]]:
     """The first COUNT training JPEGs of SHARDS, and the same pixels as PNG."""
     from PIL import Image
 
-    from benchmarks.loader import train_members
+    from benchmarks.common import train_members
 
     jpegs = []
     for _, data, _ in train_members(shards):
@@ -109,7 +109,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.fit import default_data
+    from benchmarks.common import default_data
     from trainer.data import LoaderSpec
     from trainer.data.torch import transform
 

@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.accuracy import pack_args
-from benchmarks.common import emit, real_data, rel, tool
+from benchmarks.common import emit, pack_args, real_data, rel, tool
 
 DATASETS = ("clothing-small", "fb-marketplace", "cdiscount", "fashion-mnist")
 COLUMNS = ["name", "seen", "written", "groups", "pictures", "within", "leaks", "leak_groups_other_products",

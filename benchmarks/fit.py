@@ -20,30 +20,17 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_ratio, emit, gpu_name, real_data, rel, row, timed_run, tool
+from benchmarks.common import add_ratio, default_data, emit, gpu_name, rel, row, timed_run
 from trainer.host import ENV, keep_freed_memory
 
 CACHE = Path(__file__).parent / ".cache"
 WARMUP = 3
-
-
-def default_data() -> Path:
-    """clothing-small packed at shorter:256 (what the README's training recipe uses), made once."""
-    real = real_data()
-    source, out = real / "clothing-small", CACHE / "clothing-small-256"
-    if not (out / "dataset.json").exists():
-        if not source.is_dir():
-            sys.exit(f"{source} not found: pass --data (shards packed by shardtool) or set SHARDTOOL_REAL_DATA")
-        subprocess.run([tool("shardtool"), "pack", str(source), str(out), "--resize", "shorter:256",
-                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-    return out
 
 
 def measure(data: str, model: str, image_size: int, batch_size: int, steps: int, phase: str, source: str,
@@ -54,7 +41,7 @@ def measure(data: str, model: str, image_size: int, batch_size: int, steps: int,
     from trainer.config import FitConfig
     from trainer.data import Batch
     from trainer.distributed import Dist
-    from trainer.fit import build_run, set_frozen
+    from trainer.run import build_run, set_frozen
     from trainer.loop import TrainSums, train_one_epoch
 
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as out:  # the run folder: nothing is written there

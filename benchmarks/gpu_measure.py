@@ -64,7 +64,7 @@ def ceiling(args: argparse.Namespace) -> dict[str, Any]:
     size trainer fit takes by default there: what the model alone allows, and the memory it needs."""
     import torch
 
-    from trainer.fit import default_batch_size, make_amp
+    from trainer.device import default_batch_size, make_amp
     from trainer.models.registry import create_model
 
     device, size = torch.device(args.device), int(args.size)

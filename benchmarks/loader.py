@@ -63,19 +63,35 @@ adds shardtool-dali-gpu and dali-files-gpu (nvJPEG decode, "mixed" device).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import tarfile
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CACHE, add_ratio, emit, gpu_name, other_venv, real_data, rel, row, timed_run
+from benchmarks.common import (
+    LOADER_BATCH,
+    LOADER_SIZE,
+    LOADER_WORKERS,
+    add_ratio,
+    copy_dir,
+    data_loader,
+    default_data,
+    emit,
+    gpu_name,
+    images_of,
+    other_venv,
+    real_data,
+    rel,
+    row,
+    time_epochs,
+    timed_run,
+    torchvision_transform,
+    train_members,
+)
 
-BATCH, SIZE, WORKERS, BUFFER = 64, 224, 2, 1000
+BATCH, SIZE, WORKERS, BUFFER = LOADER_BATCH, LOADER_SIZE, LOADER_WORKERS, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-torch-http",
         "shardtool-torch-http-cache-cold", "shardtool-torch-http-cache-warm", "shardtool-dali", "imagefolder",
@@ -92,29 +108,6 @@ IN_OTHERS = ("mosaic", "litdata")  # rows that run under the other virtualenv's 
 def default_files() -> Path:
     real = real_data()
     return real / "clothing-small" / "train"
-
-
-def train_members(shards: Path) -> Iterator[tuple[str, bytes, int]]:
-    """(key, JPEG bytes, class index) of every training sample, in shard order; stdlib only, so the
-    other virtualenv can run it."""
-    manifest = json.loads((shards / "dataset.json").read_text())
-    for shard in manifest["splits"]["train"]["shards"]:
-        pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shards / shard["name"]) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                sample = pending.setdefault(key, {})
-                sample[ext] = data
-                if "jpg" in sample and "cls" in sample:
-                    yield key, sample["jpg"], int(pending.pop(key)["cls"])
-
-
-def copy_dir(shards: Path, kind: str) -> Path:
-    """Where a converted copy of SHARDS lives in the cache: named by the manifest's hash, so another
-    dataset in a folder of the same name never reuses a stale copy."""
-    digest = hashlib.sha256((shards / "dataset.json").read_bytes()).hexdigest()[:12]
-    return CACHE / f"{shards.name}-{digest}-{kind}"
 
 
 def train_count(shards: Path) -> int:
@@ -152,40 +145,6 @@ def equal_shards(shards: Path) -> list[str]:
 
 
 # ---- one measurement per child process -----------------------------------------------------------------------
-
-
-def time_epochs(epoch: Callable[[int], Iterable[Any]], epochs: int, expected: int) -> list[float]:
-    """images/s of each timed epoch after one warm-up; every epoch must yield EXPECTED images."""
-    rates = []
-    for index in range(epochs + 1):
-        start, seen = time.perf_counter(), 0
-        for images in epoch(index):
-            seen += len(images)
-        seconds = time.perf_counter() - start
-        if abs(seen - expected) >= BATCH:  # DALI pads or drops to whole batches; nothing else may differ
-            sys.exit(f"an epoch yielded {seen} images, expected {expected}")
-        if index:
-            rates.append(seen / seconds)
-    return rates
-
-
-def torchvision_transform() -> Any:
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
-                               transforms.PILToTensor()])
-
-
-def data_loader(dataset: Any, **options: Any) -> Any:
-    from torch.utils.data import DataLoader
-
-    options.setdefault("batch_size", BATCH)
-    return DataLoader(dataset, num_workers=WORKERS, persistent_workers=True, prefetch_factor=4, **options)
-
-
-def images_of(batches: Iterable[Any]) -> Iterator[Any]:
-    for batch in batches:
-        yield batch[0]
 
 
 def run_shardtool(shards: Path, backend: str, device: str, epochs: int, normalised: bool = True,
@@ -409,8 +368,6 @@ def main() -> None:
         args.child_out.write_text(json.dumps(measure(args.child, args.data, args.files, args.epochs)))
         return
     if not args.data:
-        from benchmarks.fit import default_data
-
         args.data = default_data()
     args.files = args.files or default_files()
     if not args.files.is_dir():

@@ -19,9 +19,9 @@ import litdata
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
-from benchmarks.loader import (
-    BATCH,
-    WORKERS,
+from benchmarks.common import (
+    LOADER_BATCH,
+    LOADER_WORKERS,
     copy_dir,
     data_loader,
     images_of,
@@ -58,7 +58,7 @@ def run_mosaic(shards: Path, epochs: int) -> list[float]:
         with MDSWriter(out=str(local), columns={"jpg": "bytes", "cls": "int"}, size_limit="64mb") as writer:
             for _, data, label in train_members(shards):
                 writer.write({"jpg": data, "cls": label})
-    dataset = MosaicImages(local=str(local), shuffle=True, batch_size=BATCH, shuffle_seed=0)
+    dataset = MosaicImages(local=str(local), shuffle=True, batch_size=LOADER_BATCH, shuffle_seed=0)
     loader = data_loader(dataset)
     return time_epochs(lambda e: images_of(loader), epochs, dataset.num_samples)
 
@@ -70,6 +70,6 @@ def run_litdata(shards: Path, epochs: int) -> list[float]:
         litdata.optimize(fn=litdata_sample, inputs=items, output_dir=str(local), chunk_bytes="64MB", num_workers=1,
                          mode="overwrite")
     dataset = LitdataImages(str(local), shuffle=True, seed=0)
-    loader = litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, persistent_workers=True,
+    loader = litdata.StreamingDataLoader(dataset, batch_size=LOADER_BATCH, num_workers=LOADER_WORKERS, persistent_workers=True,
                                          prefetch_factor=4)
     return time_epochs(lambda e: images_of(loader), epochs, len(dataset))

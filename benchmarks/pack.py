@@ -27,16 +27,24 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from benchmarks.common import add_ratio, emit, other_venv, real_data, rel, row, source_jpegs, timed_run, tool
+from benchmarks.common import (
+    add_ratio,
+    Argv,
+    emit,
+    measure_rounds,
+    other_venv,
+    real_data,
+    rel,
+    source_jpegs,
+    timed_run,
+    tool,
+)
 from shardtool.cpus import usable_cpus
 
 CONVERT = """
@@ -65,40 +73,6 @@ if __name__ == "__main__":
         pool.map(convert, sorted(src.rglob("*.jpg")), chunksize=16)
 """
 I2D_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}  # offline: no update check, no wandb
-
-Argv = Callable[[Path], list[str]]
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def measure(name: str, argv_for: Argv, out: Path, images: int, repeats: int,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run argv_for(out) REPEATS times from an empty OUT: a common.row plus out_mb of the last run."""
-    return measure_rounds([(name, argv_for)], out, images, repeats, env)[0]
-
-
-def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats: int,
-                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """measure() for several commands, alternated round by round (A B C, A B C, ...), so a slow spell of
-    a shared machine falls on every row alike instead of on whichever ran then.
-
-    Each run starts after os.sync(), so none pays for writing back the last one's output: a run that
-    leaves its output in the page cache (the bare copy does) would otherwise slow down the next one."""
-    seconds: dict[str, list[float]] = {name: [] for name, _ in runs}
-    rss: dict[str, list[float]] = {name: [] for name, _ in runs}
-    out_mb: dict[str, float] = {}
-    for _ in range(repeats):
-        for name, argv_for in runs:
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            wall, peak = timed_run(argv_for(out), env)
-            seconds[name].append(wall)
-            rss[name].append(peak)
-            out_mb[name] = folder_bytes(out) / 1e6
-    return [row(name, [images / s for s in seconds[name]], rss[name], out_mb=out_mb[name]) for name, _ in runs]
-
 
 def url_list(photos: list[Path], source: Path, work: Path) -> Path:
     """img2dataset's input: a CSV of file:// URLs with the class folder as label."""

@@ -36,8 +36,7 @@ from typing import Any
 import bson  # pymongo's
 from PIL import Image
 
-from benchmarks.common import commit, real_data, rel, timed_run, write
-from benchmarks.pack import measure, measure_rounds
+from benchmarks.common import commit, measure, measure_rounds, real_data, rel, timed_run, write
 
 BARE_COPY = """
 import io, os, sys, tarfile

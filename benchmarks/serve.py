@@ -32,8 +32,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.accuracy import pack_args
-from benchmarks.common import CACHE, TreePeak, emit, real_data, rel, tool
+from benchmarks.common import CACHE, emit, pack_args, real_data, rel, tool, TreePeak
 from trainer.serve.local import serving
 
 COLUMNS = ["name", "runtime", "c1_p50_ms", "c1_p95_ms", "c8_req_s", "c8_p50_ms", "c8_p95_ms", "server_peak_mb"]

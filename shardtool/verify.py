@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 import tempfile
 from collections import Counter
@@ -12,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from shardtool.errors import ConfigError
+from shardtool.hashing import file_sha256
 from shardtool.manifest import NAME, load_manifest
 from shardtool.publish import Publisher, is_url
 from shardtool.process.checks import open_header
@@ -47,14 +47,6 @@ def read_index(text: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Counter[str],
                 keys: dict[str, str] | None = None) -> list[str]:
     """Problems with one shard; its labels are counted into `classes`, its sample keys into KEYS (key -> the
@@ -62,7 +54,7 @@ def check_shard(folder: Path, shard: dict[str, Any], decode: bool, classes: Coun
     path, problems = folder / shard["name"], []
     if not path.is_file():
         return [f"{shard['name']}: missing"]
-    if _sha256(path) != shard["sha256"]:
+    if file_sha256(path) != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest (changed or corrupt)")
     try:
         index = read_index((folder / shard["index"]).read_text())

@@ -10,7 +10,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from benchmarks.loader import ROWS, WDS_SHARDS, copy_dir
+from benchmarks.common import copy_dir
+from benchmarks.loader import ROWS, WDS_SHARDS
 from shardtool.synth import make_shapes
 from tests.conftest import run_cli
 

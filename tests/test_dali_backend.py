@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.dali_parity import compare, samples, spec
+from benchmarks.common import samples, spec
+from benchmarks.dali_parity import compare
 from shardtool.config import PackConfig, Resize
 from shardtool.pack import pack
 from shardtool.process import dali, pil

@@ -19,7 +19,7 @@ from shardtool.process.pil import OutputSpec
 from shardtool.sample import Sample
 from trainer import distributed
 from trainer.distributed import Dist
-from trainer.fit import make_amp, resolve_device
+from trainer.device import make_amp, resolve_device
 
 
 def jpegs(n: int) -> list[Sample]:
@@ -194,7 +194,8 @@ def test_training_reads_its_loss_from_the_device_once_per_interval_and_still_sto
     after it (batch 40), naming batch 27, before after_step saw batch 40."""
     from trainer.data import Batch
     from trainer.errors import TrainError
-    from trainer.loop import Amp, TrainSums, train_one_epoch
+    from trainer.device import Amp
+    from trainer.loop import TrainSums, train_one_epoch
 
     generator = torch.Generator().manual_seed(0)
     batches = [Batch(torch.randn(4, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator),
@@ -230,7 +231,7 @@ def test_training_reads_its_loss_from_the_device_once_per_interval_and_still_sto
 def test_the_default_batch_size_follows_the_gpu_s_memory(monkeypatch, gigabytes: int, side: int, expected: int) -> None:
     from types import SimpleNamespace
 
-    from trainer.fit import default_batch_size
+    from trainer.device import default_batch_size
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gigabytes * 2**30))
     assert default_batch_size(torch.device("cuda", 0), side) == expected

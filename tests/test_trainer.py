@@ -228,7 +228,7 @@ def test_a_process_that_would_get_no_training_samples_is_refused(data: Path, tmp
     from trainer.config import FitConfig
     from trainer.distributed import Dist
     from trainer.errors import ConfigError
-    from trainer.fit import build_run
+    from trainer.run import build_run
 
     config = FitConfig(str(data), str(tmp_path / "run"), model="tiny_cnn", weights="none", amp="none", workers=0)
     with pytest.raises(ConfigError, match="process 1 of 121 gets no training samples: train has 120"):

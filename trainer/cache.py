@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.infer import file_sha256
+from shardtool.hashing import file_sha256
 from trainer.remote import COUNTS, RangeReader, Remote, RemoteError
 
 _CHUNK = 1 << 20

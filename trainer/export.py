@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import warnings
@@ -23,16 +22,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from shardtool.atomic import replacing
 from shardtool.options import check_output_file
+from trainer.data import eval_spec
+from trainer.data.torch import TorchLoader
+from trainer.dataset import open_dataset
 from trainer.errors import ConfigError
+from trainer.exported import SIDECAR_FORMAT, onnx_runner, sidecar_path, torchscript_runner
 from trainer.infer import Classifier
 
-SIDECAR_FORMAT = "trainer-export/1"
 TOLERANCE = 1e-4
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -82,10 +83,6 @@ def check_outputs(ckpt: Path, out: Path) -> None:
             raise ConfigError(f"{flag} {path} is the checkpoint CKPT itself: write the export to another file")
 
 
-def sidecar_path(model: Path) -> Path:
-    return model.with_name(model.name + ".json")
-
-
 def write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     chatter = io.StringIO()  # the exporter prints its steps; a failure is raised, not printed
@@ -103,82 +100,6 @@ def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> N
     traced.save(str(path))
 
 
-def onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ONNX Runtime on the CPU: normalised batch -> probabilities."""
-    import onnxruntime
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort
-
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
-        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        probs = session.run(["probabilities"], {"input": np.ascontiguousarray(images.float().numpy())})[0]
-        return torch.from_numpy(probs)
-    return run
-
-
-def torchscript_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    loaded = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return loaded(images.contiguous())[1]
-    return run
-
-
-def load_onnx(path: Path) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
-    """An exported ONNX file and its sidecar -> (sidecar, normalised batch -> logits) for Classifier."""
-    side = sidecar_path(path)
-    if not path.is_file() or not side.is_file():
-        raise ConfigError(f"{path}: needs the file and its sidecar {side.name} (written by trainer export)")
-    sidecar = read_sidecar(side)
-    import onnxruntime
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort
-
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except (ort.InvalidProtobuf, ort.InvalidGraph, ort.Fail, ort.NoSuchFile, ort.InvalidArgument):
-        raise ConfigError(f"{path} is not an ONNX model onnxruntime can load: export the checkpoint again") from None
-
-    def logits(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(["logits"], {"input": np.ascontiguousarray(images.numpy())})[0])
-    return sidecar, logits
-
-
-# What Classifier.from_onnx reads from a sidecar, and the JSON type each must have
-SIDECAR_FIELDS = {"format": str, "model": str, "classes": list, "class_entries": list, "checkpoint_sha256": str,
-                  "preprocessing": dict}
-PREPROCESSING_FIELDS = {"image_size": int, "resize_shorter": int, "mean": list, "std": list}
-
-
-def read_sidecar(side: Path) -> dict[str, Any]:
-    """The sidecar's JSON with every field Classifier.from_onnx reads, of its type; else one line naming it."""
-    try:
-        sidecar = json.loads(side.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConfigError(f"{side} is not a trainer export sidecar (not JSON): export the checkpoint again") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise ConfigError(f"{side} is not a trainer export sidecar")
-    for name, kind in SIDECAR_FIELDS.items():
-        _need(side, name, isinstance(sidecar.get(name), kind))
-    pre = sidecar["preprocessing"]
-    for name, kind in PREPROCESSING_FIELDS.items():
-        _need(side, f"preprocessing.{name}", isinstance(pre.get(name), kind) and not isinstance(pre[name], bool))
-    _need(side, "classes", all(isinstance(name, str) for name in sidecar["classes"]))
-    for name in ("mean", "std"):
-        values = pre[name]
-        numbers = len(values) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        _need(side, f"preprocessing.{name}", numbers and (name == "mean" or min(values) > 0))
-    return sidecar
-
-
-def _need(side: Path, name: str, ok: bool) -> None:
-    if not ok:
-        raise ConfigError(f"{side} lacks a valid {name!r}: export the checkpoint again (trainer export)")
-
-
 def batches(classifier: Classifier, data: str, split: str, batch_size: int,
             progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Normalised float batches to compare on: random ones (batch sizes 1 and 3), then DATA's split."""
@@ -188,12 +109,8 @@ def batches(classifier: Classifier, data: str, split: str, batch_size: int,
         yield "random", torch.randn(n, 3, size, size, generator=generator)
     if not data:
         return
-    from trainer.data import eval_spec
-    from trainer.data.torch import TorchLoader
-    from trainer.dataset import open_dataset
-
     pre = classifier.preprocessing
-    loader = TorchLoader(eval_spec(tuple(open_dataset(data).shards(split)), pre, batch_size, labelled=False, workers=1))
+    loader = TorchLoader(eval_spec(open_dataset(data), split, pre, batch_size, labelled=False, workers=1))
     for index, raw in enumerate(loader.host_batches(0)):
         yield split, pre.normalize(raw["images"])
         if progress:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from trainer.data import Loader, LoaderSpec, make_loader
+from trainer.device import Amp
 from trainer.errors import ConfigError, TrainError
-from trainer.loop import Amp
 from trainer.models import Model
 
 KEY_FILE = "features.json"

@@ -14,127 +14,26 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any
 
 import torch
-import torchvision.transforms.v2.functional as F
-from PIL import Image
 
 from shardtool.config import MAX_PIXELS
-from shardtool.process import guard
-from shardtool.process.guard import Limits, Reject
-from shardtool.process.pil import orientation, upright_rgb
+from shardtool.hashing import file_sha256
 from shardtool.readers.common import IMAGE_EXTS
+from trainer.checkpoint import load_checkpoint
+from trainer.data.images import BadImage, ImageInput, read_image
+from trainer.data.transforms import Preprocessing
+from trainer.device import resolve_device
 from trainer.errors import ConfigError
+from trainer.exported import load_onnx
+from trainer.models import model_from_checkpoint
 
-ImageInput = Union[bytes, str, os.PathLike, Image.Image]
-T = TypeVar("T")
-
-
-class BadImage(ValueError):
-    """An input that is not a usable image; `reason` is stable (empty, or one of the guard's: not_an_image,
-    unsupported_format, corrupt_image, too_many_pixels, resize_too_large, file_too_large, missing_file,
-    not_a_regular_file, unreadable_file), the message says what was wrong in one line."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the model sees at evaluation: shorter side resized, a centre crop, mean/std on a 0-1 scale."""
-
-    image_size: int
-    resize_shorter: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_checkpoint(cls, pre: dict[str, Any]) -> Preprocessing:
-        size = int(pre["image_size"])
-        return cls(size, int(pre.get("resize_shorter") or eval_resize(size)), tuple(pre["mean"]), tuple(pre["std"]))
-
-    def crop(self, image: torch.Tensor) -> torch.Tensor:
-        return eval_crop(image, self.image_size, self.resize_shorter)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x S x S -> float32 (x/255 - mean) / std, channels_last, as the torch loader does."""
-        shape = (1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=images.device).view(shape) * 255
-        inverse_std = 1 / (torch.tensor(self.std, device=images.device).view(shape) * 255)
-        return normalize(images, mean, inverse_std)
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self) | {"input": "float32 N x 3 x image_size x image_size, RGB",
-                               "rule": "decode as upright RGB (EXIF orientation applied; alpha on white; 16-bit "
-                                       "scaled to 8), resize the shorter side to resize_shorter (bilinear, "
-                                       "antialiased), centre crop image_size, then (x / 255 - mean) / std"}
-
-
-def eval_resize(image_size: int) -> int:
-    """The shorter side before the centre crop: size / 0.875, as torchvision's and timm's eval presets."""
-    return round(image_size / 0.875)
-
-
-def eval_crop(image: torch.Tensor, size: int, resize_shorter: int) -> torch.Tensor:
-    """uint8 3 x H x W -> uint8 3 x size x size: the one evaluation transform."""
-    image = F.resize(image, [resize_shorter], antialias=True)
-    return F.center_crop(image, [size, size])
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, inverse_std: torch.Tensor) -> torch.Tensor:
-    """In place after one float conversion: (x - 255 mean) * 1 / (255 std), channels_last."""
-    return images.contiguous(memory_format=torch.channels_last).float().sub_(mean).mul_(inverse_std)
-
-
-def read_image(image: ImageInput, max_pixels: int = MAX_PIXELS,
-               preprocessing: Preprocessing | None = None) -> torch.Tensor:
-    """Any input -> uint8 3 x H x W, upright RGB, exactly as `shardtool pack` reads a source image, through
-    the same guard (shardtool/process/guard.py). With PREPROCESSING, its eval resize is checked against
-    MAX_PIXELS from the header, before the image is decoded."""
-    limits = Limits(max_pixels, "the limit of")
-    if isinstance(image, Image.Image):
-        _check_eval_resize(image.size, preprocessing, limits)
-        return _tensor(image)
-    data = image if isinstance(image, bytes) else _accepted(guard.read_file(os.fspath(image), limits))
-    if not data:
-        raise BadImage("empty", "empty file (0 bytes)")
-    opened = _accepted(guard.open_image(data, limits))
-    _check_eval_resize(opened.size, preprocessing, limits)
-    return _tensor(_accepted(guard.decode(opened)))
-
-
-def eval_resized(size: tuple[int, int], resize_shorter: int) -> tuple[int, int]:
-    """The size eval_crop's resize makes of a width x height image, by torchvision's rule (before the crop)."""
-    width, height = size
-    short, long = min(width, height), max(width, height)
-    new_long = int(resize_shorter * long / short)
-    return (resize_shorter, new_long) if width <= height else (new_long, resize_shorter)
-
-
-def _check_eval_resize(size: tuple[int, int], pre: Preprocessing | None, limits: Limits) -> None:
-    if pre is None:
-        return
-    what = f"the eval resize (shorter side to {pre.resize_shorter}) of this {size[0]}x{size[1]} image"
-    if rejected := guard.check_planned([(what, eval_resized(size, pre.resize_shorter))], limits):
-        _accepted(rejected)
-
-
-def _accepted(value: T | Reject) -> T:
-    """VALUE, or the guard's Reject raised as BadImage: the message is the reason in words, then the detail."""
-    if isinstance(value, Reject):
-        raise BadImage(value.reason, f"{value.reason.replace('_', ' ')}: {value.detail}")
-    return value
-
-
-def _tensor(image: Image.Image) -> torch.Tensor:
-    return F.pil_to_tensor(_accepted(upright_rgb(image, orientation(image) in (None, 1))))
+__all__ = ["BadImage", "Classifier", "Label", "Preprocessing", "Result", "expand_inputs", "read_image"]
 
 
 @dataclass(frozen=True)
@@ -186,31 +85,20 @@ class Classifier:
     def load(cls, path: str | os.PathLike, device: str = "auto") -> Classifier:
         if str(path).endswith(".onnx"):
             return cls.from_onnx(Path(path))
-        from trainer.checkpoint import load_checkpoint
-        from trainer.fit import resolve_device
-
         return cls.from_checkpoint(load_checkpoint(path), str(resolve_device(device)), file_sha256(Path(path)))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu", sha256: str = "") -> Classifier:
-        from trainer.models import create_model
-
         config, classes = checkpoint["config"], list(checkpoint["classes"])
-        model = create_model(config["model"], len(classes), "none")
-        model.module.load_state_dict(checkpoint["model"])
-        module = model.module.to(device).eval()
+        module = model_from_checkpoint(checkpoint).module.to(device).eval()
         return cls(classes, Preprocessing.from_checkpoint(checkpoint["preprocessing"]), module,
                    model_name=config["model"], sha256=sha256, class_entries=checkpoint.get("class_entries"),
                    device=device)
 
     @classmethod
     def from_onnx(cls, path: Path) -> Classifier:
-        from trainer.export import load_onnx
-
         sidecar, run = load_onnx(path)
-        pre = sidecar["preprocessing"]
-        preprocessing = Preprocessing(pre["image_size"], pre["resize_shorter"], tuple(pre["mean"]), tuple(pre["std"]))
-        return cls(sidecar["classes"], preprocessing, run, model_name=sidecar["model"],
+        return cls(sidecar["classes"], Preprocessing.from_checkpoint(sidecar["preprocessing"]), run, model_name=sidecar["model"],
                    sha256=sidecar["checkpoint_sha256"], runtime="onnxruntime", class_entries=sidecar["class_entries"])
 
     def prepare(self, image: ImageInput, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -257,14 +145,6 @@ class Classifier:
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "runtime": self.runtime, "classes": self.classes,
                 "checkpoint_sha256": self.sha256, "preprocessing": self.preprocessing.describe()}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def expand_inputs(paths: Iterable[str]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.data import Batch
+from trainer.data.spec import Batch
+from trainer.device import Amp
 from trainer.errors import TrainError
 from trainer.metrics import EvalMeter
 
@@ -41,18 +41,6 @@ class Step:
     data_seconds: float  # of which waiting for the loader
     keys: list[str] = field(default_factory=list)  # the samples of this batch (train)
     read: Callable[[], None] = lambda: None  # train: bring the device's sums into TrainSums now (before a save)
-
-
-@dataclass
-class Amp:
-    dtype: torch.dtype | None  # None: full precision
-    device_type: str
-    scaler: torch.amp.GradScaler | None = None
-
-    def autocast(self) -> Any:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 @dataclass

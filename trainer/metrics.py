@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.dataset import Dataset, Mixture
+
 CONFUSION_MAX_CLASSES = 50  # more classes: draw the most frequent true classes only
 CLASS_COLUMNS = 50  # more classes: per-class accuracy in summary.json and --json only, not as metrics.csv columns
 _OTHER_TAGS = {"lr": "lr", "img_s": "speed/img_s", "data_wait": "speed/data_wait", "seconds": "speed/seconds"}
@@ -187,6 +189,12 @@ def _tag(key: str) -> str:
         if key.startswith(split + "_"):
             return f"{key[len(split) + 1:]}/{split}"
     return _OTHER_TAGS.get(key, key)
+
+
+def new_meter_for(dataset: Dataset | Mixture, device: torch.device) -> EvalMeter:
+    """A meter for one pass over DATASET's classes, with its hierarchy's levels."""
+    names, maps = level_maps_from_manifest(dataset.classes, dataset.manifest.get("hierarchy"))
+    return EvalMeter(len(dataset.classes), [m.to(device) for m in maps], names, dataset.class_names)
 
 
 class RunLog:

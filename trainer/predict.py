@@ -29,11 +29,12 @@ from trainer.config import default_workers
 from trainer.data import Batch, LoaderSpec, eval_spec, make_loader
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.remote import Remote
-from trainer.fit import make_amp, new_meter_for, resolve_device
-from trainer.infer import Preprocessing, Result
+from trainer.data.transforms import Preprocessing
+from trainer.device import make_amp, resolve_device
+from trainer.infer import Result
 from trainer.loop import evaluate
-from trainer.metrics import EvalMeter
-from trainer.models import create_model
+from trainer.metrics import EvalMeter, new_meter_for
+from trainer.models import model_from_checkpoint
 
 
 def is_shards(data: str) -> bool:
@@ -76,21 +77,17 @@ def load_predictor(ckpt: str, data: str, device: str = "auto", amp: str = "", re
     dataset = open_dataset(data, remote)
     if dataset.classes:
         check_classes(checkpoint, dataset.class_names, data)
-    config = checkpoint["config"]
-    model = create_model(config["model"], len(checkpoint["classes"]), "none")
-    model.module.load_state_dict(checkpoint["model"])
     target = resolve_device(device)
-    model.module.to(target).to(memory_format=torch.channels_last).eval()
-    return Predictor(model.module, dataset, checkpoint, target, amp or config["amp"], remote)
+    module = model_from_checkpoint(checkpoint).module.to(target).to(memory_format=torch.channels_last).eval()
+    return Predictor(module, dataset, checkpoint, target, amp or checkpoint["config"]["amp"], remote)
 
 
 def split_spec(p: Predictor, split: str, batch_size: int, workers: int | None) -> LoaderSpec:
     """WORKERS None: from the CPUs this process may use (config.default_workers)."""
     workers = default_workers() if workers is None else workers
     pre = Preprocessing.from_checkpoint(p.checkpoint["preprocessing"])
-    return eval_spec(tuple(p.dataset.shards(split)), pre, batch_size, labelled=p.dataset.labelled(split),
-                     num_classes=len(p.dataset.classes), workers=workers, device=str(p.device), on_corrupt=p.checkpoint["config"]["on_corrupt"],
-                     remote=p.remote)
+    return eval_spec(p.dataset, split, pre, batch_size, workers=workers, device=str(p.device),
+                     on_corrupt=p.checkpoint["config"]["on_corrupt"], remote=p.remote)
 
 
 def evaluate_checkpoint(p: Predictor, split: str, *, batch_size: int = 64, workers: int | None = None,

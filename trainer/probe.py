@@ -11,7 +11,6 @@ seed, preprocessing, amp, loader and every shard's sha256 stay the same.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,18 @@ from typing import Any
 
 import torch
 
+from shardtool.hashing import file_sha256
 from shardtool.options import check_device, check_output_file, check_output_folder
 from trainer.checkpoint import save_checkpoint
 from trainer.config import EVAL_BATCH, RANGES, default_workers
-from trainer.data import LoaderSpec, resolve_backend
+from trainer.data import LoaderSpec, eval_spec, resolve_backend
 from trainer.dataset import Dataset, is_url, open_dataset
 from trainer.errors import ConfigError
 from trainer.features import CACHE_VERSION, Progress, SplitFeatures, extract_all, load_cached
-from trainer.fit import make_amp, new_meter_for, resolve_device
-from trainer.infer import eval_resize
+from trainer.data.transforms import Preprocessing
+from trainer.device import Amp, make_amp, resolve_device
 from trainer.linear import Choice, Rows, choose_head, score
-from trainer.loop import Amp
+from trainer.metrics import new_meter_for
 from trainer.models import Model, create_model
 
 
@@ -80,7 +80,8 @@ def probe(config: ProbeConfig, progress: Progress = lambda role, done, total: No
     amp, pre = make_amp(config.amp, device), preprocessing(model, config.image_size)
     backend = resolve_backend(config.loader, str(device))
     folder = cache_folder(config, dataset)
-    specs = {role: eval_spec(config, dataset, split, pre, device) for role, split in roles.items()}
+    specs = {role: eval_spec(dataset, split, pre, config.batch_size, workers=config.workers, on_corrupt="fail",
+                               device=str(device)) for role, split in roles.items()}
     key = cache_key(config, dataset, roles, specs, amp, backend)
     features = load_cached(folder, key)
     cached = features is not None
@@ -113,20 +114,9 @@ def split_roles(config: ProbeConfig, dataset: Dataset) -> dict[str, str]:
     return roles
 
 
-def preprocessing(model: Model, image_size: int) -> dict[str, Any]:
+def preprocessing(model: Model, image_size: int) -> Preprocessing:
     """The checkpoint's preprocessing, as fit writes it: every split gets the eval transform at one size."""
-    size = image_size or model.input_size
-    return {"image_size": size, "train_image_size": size, "resize_shorter": eval_resize(size), "mean": list(model.mean),
-            "std": list(model.std)}
-
-
-def eval_spec(config: ProbeConfig, dataset: Dataset, split: str, pre: dict[str, Any],
-              device: torch.device) -> LoaderSpec:
-    return LoaderSpec(shards=tuple(dataset.shards(split)), batch_size=config.batch_size,
-                      image_size=pre["image_size"], resize_size=pre["resize_shorter"], mean=tuple(pre["mean"]),
-                      std=tuple(pre["std"]), train=False, labelled=dataset.labelled(split), num_classes=len(dataset.classes),
-                      workers=config.workers,
-                      on_corrupt="fail", device=str(device))
+    return Preprocessing.at(image_size or model.input_size, model.mean, model.std)
 
 
 def cache_folder(config: ProbeConfig, dataset: Dataset) -> Path:
@@ -154,11 +144,7 @@ def weights_id(weights: str) -> str:
     """imagenet | none as they are; a state-dict file by its sha256 (a path may be overwritten)."""
     if weights in ("imagenet", "none") or not Path(weights).is_file():
         return weights
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(weights)}"
 
 
 def report(config: ProbeConfig, roles: dict[str, str], folder: Path, cached: bool,
@@ -168,14 +154,14 @@ def report(config: ProbeConfig, roles: dict[str, str], folder: Path, cached: boo
             "l2": choice.l2, "grid": choice.grid, **results, "saved": config.save or None}
 
 
-def save_probe(config: ProbeConfig, dataset: Dataset, model: Model, choice: Choice, pre: dict[str, Any],
+def save_probe(config: ProbeConfig, dataset: Dataset, model: Model, choice: Choice, pre: Preprocessing,
                summary: dict[str, Any]) -> None:
     """The backbone with the probe's head, in fit's checkpoint format (config: the probe's)."""
     with torch.no_grad():
         model.head.weight.copy_(choice.head.weight)
         model.head.bias.copy_(choice.head.bias)
     state = {"model": {k: v.cpu() for k, v in model.module.state_dict().items()}, "config": config.to_dict(),
-             "classes": dataset.class_names, "class_entries": dataset.classes, "preprocessing": pre,
+             "classes": dataset.class_names, "class_entries": dataset.classes, "preprocessing": pre.saved(),
              "probe": {k: summary[k] for k in ("l2", "grid", "splits")} |
                       {role: summary[role]["top1"] for role in ("val", "test") if role in summary}}
     path = Path(config.save)

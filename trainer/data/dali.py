@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from shardtool.process.dali import DECODER
-from trainer.data import Batch, LoaderSpec, check_label
+from trainer.data.spec import Batch, LoaderSpec, check_label
 from trainer.data.plan import epoch_shards, rank_samples
 from trainer.cache import ShardCache
 from trainer.dataset import Shard, is_url

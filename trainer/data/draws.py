@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, repeat
 from typing import Any, TypeVar
 
-from trainer.data import LoaderSpec, check_label
+from trainer.data.spec import LoaderSpec, check_label
 from trainer.data.plan import Read, Segment, WorkerPlan
 from trainer.data.sampling import Sampling, systematic
 

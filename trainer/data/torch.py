@@ -44,11 +44,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from shardtool.process.pil import to_rgb
 from trainer.cache import ShardCache
-from trainer.data import Batch, LoaderSpec, check_label
+from trainer.data.spec import Batch, LoaderSpec, check_label
 from trainer.data.draws import drawn
 from trainer.data.plan import Segment, rank_samples, worker_plan
 from trainer.dataset import is_url
-from trainer.infer import eval_crop, normalize
+from trainer.data.transforms import eval_crop, normalize
 from trainer.remote import COUNTS, RangeReader, Remote, RemoteError, fetch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,13 @@ def create_model(name: str, num_classes: int, weights: str = "imagenet") -> Mode
         return _timm(name, num_classes, weights)
     raise ConfigError(f"unknown model {name!r}: use one of {', '.join(BACKBONES)}, a torchvision name "
                       "(resnet50, efficientnet_b0, convnext_tiny, ...) or a timm name with timm installed")
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> Model:
+    """The model a trainer checkpoint holds (its config's architecture, its classes, its weights), on the CPU."""
+    model = create_model(checkpoint["config"]["model"], len(checkpoint["classes"]), "none")
+    model.module.load_state_dict(checkpoint["model"])
+    return model
 
 
 def load_state(path: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer import __version__
 from shardtool.config import MAX_PIXELS
-from trainer.infer import BadImage, Classifier
+from trainer.data.images import BadImage
+from trainer.infer import Classifier
 from trainer.serve.batcher import Batcher
 
 STATIC = Path(__file__).parent / "static"
