@@ -3,7 +3,7 @@
     python -m benchmarks.dedup [--datasets clothing-small,fb-marketplace,cdiscount,fashion-mnist] [--json]
 
 Each dataset is packed with `--dedup keep` (every picture written, duplicates only reported) and the split
-settings the README's accuracy runs use (benchmarks/accuracy.py's pack_args: clothing-small from its own
+settings the README's accuracy runs use (benchmarks/common.py's pack_args: clothing-small from its own
 folders at shorter:256; FB Marketplace split by product val=0.15,test=0.15; Fashion-MNIST stratified
 val=0.15,test=0.15) or, for the Cdiscount example dump, the README's BSON command (--categories,
 --split val=0.05, --verify header). A row holds the manifest's report.duplicates counts: groups of pictures

@@ -5,7 +5,7 @@
 At each size, on generated data:
 - `pack N`: `shardtool pack dump.bson OUT --verify header` (default --workers auto), passthrough;
 - `loader-epoch N`: one training epoch of the trainer's torch loader over OUT's train split
-  (trainer.data.make_loader(LoaderSpec(...), "torch") as trainer/fit.py builds it, with the trainer's
+  (trainer.data.make_loader(LoaderSpec(...), "torch") as trainer/run.py builds it, with the trainer's
   defaults: batch 32, 2 DataLoader workers, shuffle buffer 1000, RandomResizedCrop + flip) at
   image_size 32; it checks that the epoch yielded every sample.
 Each measurement runs in its own subprocess; peak memory is of its whole process tree (common.timed_run).

@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -15,26 +14,12 @@ from rich.table import Table
 from shardtool import __version__
 from shardtool.config import (DEDUP_MODES, MAX_PIXELS, RANGES, CsvOptions, PackConfig, parse_resize, parse_shape,
                               parse_split)
-from shardtool.errors import ShardtoolError
+from shardtool.console import console, err, one_line_errors
 from shardtool.options import Bounded, Output, Range
-from shardtool.readers.common import shown
-
-err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
-console = Console(soft_wrap=True, highlight=False)
 
 
-class Command(click.Command):
-    """Prints ShardtoolError as one line (no traceback) and exits 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ShardtoolError as error:
-            err.print(f"[red]error:[/red] {escape(shown(str(error)))}")  # no raw escape codes from a path
-            sys.exit(2)
-        except KeyboardInterrupt:
-            err.print("interrupted: re-run the same command to resume")
-            sys.exit(130)
+Command = one_line_errors("interrupted: re-run the same command to resume")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

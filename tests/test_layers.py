@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TRAINER = {  # lowest first; docs/training.md's "The code" walks the same layers
+TRAINER = {  # lowest first; docs/code.md walks the same layers
     "runtime": ["trainer", "trainer.errors", "trainer.host", "trainer.distributed", "trainer.device", "trainer.remote"],
     "data": ["trainer.dataset", "trainer.cache", "trainer.data.sampling", "trainer.data.plan", "trainer.data.draws",
              "trainer.data.transforms", "trainer.data.images", "trainer.data.spec", "trainer.data.mixing",
@@ -102,7 +102,8 @@ def test_every_module_has_a_layer_and_imports_only_downwards(package: str, layer
 def test_no_benchmark_script_imports_another() -> None:
     """What two scripts share lives in benchmarks/common.py, so each script can be read (and run) alone."""
     edges = graph("benchmarks")
-    shared = [f"{script} imports {target}" for script in SCRIPTS for target in sorted(edges[script]) if target in SCRIPTS]
+    shared = [f"{script} imports {target}" for script in SCRIPTS for target in sorted(edges[script])
+              if target in SCRIPTS]
     assert not shared, "\n".join(shared)
 
 

@@ -5,22 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shardtool.errors import ShardtoolError
+from shardtool.console import console, err, one_line_errors
 from shardtool.options import Bounded, Device, Output, Range
 from shardtool.readers.common import shown
 from trainer import __version__
 from trainer.config import EVAL_BATCH, RANGES, default_workers
 
-err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
-console = Console(soft_wrap=True, highlight=False)
 
 HELP = {
     "model": "Backbone: efficientnet_lite0 (offline), tiny_cnn, a torchvision or a timm name.",
@@ -97,6 +95,25 @@ def remote_options(command: Any) -> Any:
     return command
 
 
+def eval_options(workers_help: str) -> Callable[[Any], Any]:
+    """--batch-size, --workers, --loader, --device and --amp, as evaluate and predict both take them."""
+    options = [
+        click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True),
+        click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True,
+                     help=workers_help),
+        click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"])),
+        click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"]),
+        click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives "
+                                               "exactly what predict on files, export and serve give (float32)."),
+    ]
+
+    def add(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return add
+
+
 def remote_from(options: dict[str, Any]) -> Any:
     from trainer.remote import Remote
 
@@ -104,18 +121,7 @@ def remote_from(options: dict[str, Any]) -> Any:
                   cache_gb=options["cache_size"])
 
 
-class Command(click.Command):
-    """Prints a ShardtoolError (config, data, checkpoint) as one line, no traceback, exit 2."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ShardtoolError as error:
-            err.print(f"[red]error:[/red] {escape(shown(str(error)))}")  # no raw escape codes from a path
-            sys.exit(2)
-        except KeyboardInterrupt:
-            err.print("interrupted: `trainer fit ... --resume` continues from the last checkpoint")
-            sys.exit(130)
+Command = one_line_errors("interrupted: `trainer fit ... --resume` continues from the last checkpoint")
 
 
 def fit_options(command: Any) -> Any:
@@ -239,12 +245,7 @@ def render_summary(summary: dict[str, Any], out: str) -> None:
 @click.argument("ckpt", type=click.Path())
 @click.argument("data")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True)
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True, help="Decode processes.")
-@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
-@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
-@click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
-                                     "predict on files, export and serve give (float32).")
+@eval_options("Decode processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, num_samples, ...).")
 @remote_options
 def evaluate(ckpt: str, data: str, split: str, batch_size: int, workers: int, loader: str, device: str, amp: str,
@@ -291,13 +292,7 @@ def render_classes(result: dict[str, Any]) -> None:
 @click.option("-k", "--top-k", "k", type=Bounded(Range(int, 1)), default=5, show_default=True,
               help="Files: labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Files: print one JSON object per file instead of a table.")
-@click.option("--batch-size", type=Bounded(EVAL_BATCH), default=64, show_default=True)
-@click.option("--workers", type=Bounded(RANGES["workers"]), default=default_workers(), show_default=True,
-              help="Shards: decode processes.")
-@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "torch", "dali"]))
-@click.option("--device", type=Device(), default="auto", show_default=True, help=HELP["device"])
-@click.option("--amp", default="", help="Shards: auto | bf16 | fp16 | none [the checkpoint's]; none gives exactly what "
-                                     "predict on files, export and serve give (float32).")
+@eval_options("Shards: decode processes.")
 @remote_options
 def predict(ckpt: str, inputs: tuple[str, ...], split: str, out: str, group: bool, k: int, as_json: bool,
             batch_size: int, workers: int, loader: str, device: str, amp: str, **remote: Any) -> None:

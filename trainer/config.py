@@ -69,7 +69,7 @@ class FitConfig:
     model: str = "efficientnet_lite0"
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
     epochs: int = 9  # the README recipe's, chosen on all three datasets of benchmarks/accuracy.py
-    batch_size: int = 0  # per process; 0: from the device (fit.default_batch_size)
+    batch_size: int = 0  # per process; 0: from the device (device.default_batch_size)
     image_size: int = 0  # 0: the model's own input size
     eval_image_size: int = 0  # side for val/test/predict; 0: image_size (FixRes: a bit above it often scores higher)
     optimizer: str = "adamw"  # adamw | sgd

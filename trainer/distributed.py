@@ -38,7 +38,7 @@ def setup(device: str) -> Dist:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:  # one GPU per process: this rank's is cuda:LOCAL_RANK (fit.resolve_device agrees)
+    if cuda:  # one GPU per process: this rank's is cuda:LOCAL_RANK (device.resolve_device agrees)
         torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local))
     else:

@@ -7,7 +7,7 @@ the middle of an epoch reports the same epoch metrics as one that never stopped.
 The loss and the top-1 hits of each step stay on the device and are read every READ_EVERY steps (and
 whenever a checkpoint is due, through Step.read), one transfer for all of them: reading them each step (`loss.item()`) would make the
 host wait for the GPU at every step, with no batch queued behind it. A nan or inf loss still stops the
-run at the next read, before anything saves the weights it made (fit.check_finite guards each save too).
+run at the next read, before anything saves the weights it made (run.check_finite guards each save too).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def train_one_epoch(model: nn.Module, batches: Iterator[Batch], optimizer: torch
                     after_step: Callable[[Step], None],
                     skip_step: Callable[[Batch], bool] = lambda batch: not len(batch),
                     read_every: int = READ_EVERY) -> TrainSums:
-    """The caller puts MODEL in train mode (fit.set_frozen keeps a frozen backbone's BatchNorm in eval).
+    """The caller puts MODEL in train mode (run.set_frozen keeps a frozen backbone's BatchNorm in eval).
 
     A batch whose samples were all corrupt and skipped is no step. Under DDP no rank may step alone (the
     others would wait in backward's all-reduce), so SKIP_STEP is true on every rank when any batch is empty,

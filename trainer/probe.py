@@ -131,8 +131,7 @@ def cache_key(config: ProbeConfig, dataset: Dataset, roles: dict[str, str], spec
               amp: Amp, backend: str) -> dict[str, Any]:
     """Everything the cached features depend on; any change recomputes them."""
     spec = specs["train"]
-    hashes = {role: {"split": split, "sha256": [s["sha256"] for s in dataset.manifest["splits"][split]["shards"]
-                                                if dataset.selected is None or s["name"] in dataset.selected]}
+    hashes = {role: {"split": split, "sha256": [shard.sha256 for shard in specs[role].shards]}
               for role, split in roles.items()}
     return {"version": CACHE_VERSION, "model": config.model, "weights": weights_id(config.weights),
             "seed": config.seed, "preprocessing": {"resize_shorter": spec.eval_resize, "centre_crop": spec.image_size,

@@ -3,7 +3,7 @@
     FitConfig + manifest -> build_run -> Run (State, model, optimizer, train/val loaders, EMA)
     Run -> save (last.pt, best.pt, epoch-N.pt) ... load_checkpoint -> restore (--resume, exact)
 
-trainer/fit.py composes these into the epochs; nothing here knows about epochs or the probe.
+trainer/fit.py runs the epochs on a Run (and starts its head from the probe); this module builds, saves and restores it.
 """
 
 from __future__ import annotations
