@@ -1,4 +1,6 @@
-"""The shardtool command line: parse options, delegate to the library, render with rich."""
+"""The shardtool command line: parse options, delegate to the library, render with rich.
+
+Its consoles and one_line_errors (a ShardtoolError shown as one line, no traceback) serve trainer/cli.py too."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import sys
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -14,9 +17,35 @@ from rich.table import Table
 from shardtool import __version__
 from shardtool.config import (DEDUP_MODES, MAX_PIXELS, RANGES, CsvOptions, PackConfig, parse_resize, parse_shape,
                               parse_split)
-from shardtool.console import console, err, one_line_errors
+from shardtool.errors import ShardtoolError
 from shardtool.options import Bounded, Output, Range
+from shardtool.readers.common import shown
 
+
+
+err = Console(stderr=True, soft_wrap=True, highlight=False)  # one message, one line, even in CI logs
+console = Console(soft_wrap=True, highlight=False)
+
+
+def error(message: str) -> None:
+    err.print(f"[red]error:[/red] {escape(shown(message))}")  # no raw escape codes from a path
+
+
+def one_line_errors(interrupted: str) -> type[click.Command]:
+    """A click Command class: ShardtoolError -> `error: ...`, exit 2; Ctrl-C -> INTERRUPTED (how to resume), exit 130."""
+
+    class Command(click.Command):
+        def invoke(self, ctx: click.Context) -> Any:
+            try:
+                return super().invoke(ctx)
+            except ShardtoolError as problem:
+                error(str(problem))
+                sys.exit(2)
+            except KeyboardInterrupt:
+                err.print(interrupted)
+                sys.exit(130)
+
+    return Command
 
 
 Command = one_line_errors("interrupted: re-run the same command to resume")

@@ -13,7 +13,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shardtool.console import console, err, one_line_errors
+from shardtool.cli import console, err, one_line_errors
 from shardtool.options import Bounded, Device, Output, Range
 from shardtool.readers.common import shown
 from trainer import __version__

@@ -3,7 +3,8 @@
     FitConfig + manifest -> build_run -> Run (State, model, optimizer, train/val loaders, EMA)
     Run -> save (last.pt, best.pt, epoch-N.pt) ... load_checkpoint -> restore (--resume, exact)
 
-trainer/fit.py runs the epochs on a Run (and starts its head from the probe); this module builds, saves and restores it.
+trainer/fit.py runs the epochs on a Run (and starts its head from the probe); this module builds, saves and
+restores it.
 """
 
 from __future__ import annotations
