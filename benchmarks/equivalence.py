@@ -60,7 +60,8 @@ def run_tree(tree: Path, data: Path, work: Path) -> Path:
             "--head-init", "random")
     trainer(tree, "evaluate", str(run / "best.pt"), str(data), "--split", "test", "--json", out=work / "eval.json")
     trainer(tree, "predict", str(run / "best.pt"), str(data), "--split", "test", "--out", str(work / "preds.csv"))
-    trainer(tree, "export", str(run / "best.pt"), str(work / "model.onnx"), "--check-data", str(data), "--split", "test")
+    trainer(tree, "export", str(run / "best.pt"), str(work / "model.onnx"), "--check-data", str(data),
+            "--split", "test")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run([sys.executable, "-c", CLASSIFY, str(run / "best.pt"), str(work / "model.onnx")],
                           check=True, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
