@@ -122,7 +122,7 @@ def test_longtail_benchmark_compares_the_samplings_on_held_out_products(tmp_path
                           "".join(f"{1000 + i},L1 {i % 3},L2 {i % 5},L3 {i}\n" for i in range(30)))
     results = tmp_path / "results"
     done = run_module("benchmarks.longtail", "--quick", "--classes", "12", "--products", "150", "--model", "tiny_cnn",
-                      "--weights", "none", "--image-size", "32", "--head-epochs", "2", "--lrs", "0.001", "--data",
+                      "--weights", "none", "--image-size", "32", "--head-epochs", "2", "--lrs", "0.001", "--probe-row", "--data",
                       str(categories.parents[1]), "--work", str(tmp_path / "work"), "--json", results=results)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
