@@ -241,6 +241,7 @@ def head_rows(pack: Path, splits: dict[str, tuple], args: argparse.Namespace) ->
     """One row per mode (test scores, tail share of the draws) and the facts: chosen LR, val top-1 per LR."""
     import torch
 
+    torch.set_num_threads(1)  # small matrices: on 2 shared cores a second OpenMP thread spins (trainer/linear.py)
     (xt, yt), num_classes = splits["train"], len(json.loads((pack / "dataset.json").read_text())["classes"])
     mean, std = xt.mean(0), xt.std(0) + 1e-6
     tensors = {role: (torch.from_numpy((x - mean) / std).float(), torch.from_numpy(y.astype(np.int64)))
