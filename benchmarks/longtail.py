@@ -9,19 +9,21 @@ real CLI: `shardtool pack DUMP OUT --categories category_names.csv --split val=0
 --verify header` (a product's pictures share a split; stratified, so the tail reaches val and test too).
 Features: EfficientNet-Lite0 (ImageNet weights, frozen) pooled features of every split at --image-size 128,
 extracted once into --work as `trainer probe --image-size 128 --out DIR` extracts and caches them (its
-steps and cache key, without its LBFGS head: over 15 minutes on 1,000 classes here; --probe-row adds that
-head as a reference row, running the CLI on the cache). Heads: per mode, a linear head on the standardised
-train features (Adam, HEAD_EPOCHS epochs of batches of HEAD_BATCH, cosine LR), each epoch's samples the
-draws the torch loader makes of the train shards (trainer.data.plan.worker_plan + trainer.data.draws.drawn with make_sampling(mode), every
-worker's share), read from the feature rows instead of the pictures; the LR is chosen on uniform by val
-top-1 from LRS and kept for every mode. Test split, unweighted: top-1, balanced accuracy (the mean recall of
-the classes present in test) and top-1 on the test pictures of head (> 100 train pictures), medium
-(20-100) and tail (< 20) classes; tail_draws_pct is the share of an epoch's draws from tail classes.
+steps and cache key, without its LBFGS head, which had not finished after 11 minutes on 1,000 classes here;
+--probe-row adds that head as a reference row, running the CLI on the cache). Heads: per mode, a linear head
+on the standardised train features (Adam, HEAD_EPOCHS epochs of batches of HEAD_BATCH, cosine LR), each
+epoch's samples the draws the torch loader makes of the train shards (trainer.data.plan.worker_plan +
+trainer.data.draws.drawn with make_sampling(mode), every worker's share), read from the feature rows instead
+of the pictures; the LR is chosen on uniform by val top-1 from LRS and kept for every mode. Test split,
+unweighted: top-1, balanced accuracy (the mean recall of the classes present in test) and top-1 on the test
+pictures of head (> 100 train pictures), medium (20-100) and tail (< 20) classes; tail_draws_pct is the share
+of an epoch's draws from tail classes.
 Loader: trainer.data.make_loader(LoaderSpec(..., sampling=make_sampling(mode)), "torch") over the train
 shards as `trainer fit` builds it (workers: trainer.config.default_workers), its uint8 host batches of 64
 RandomResizedCrop(128) + flip images (benchmarks.loader's shardtool-torch), one warm-up and one timed
 epoch per process, modes alternated round by round, --repeats rounds; img_s is the median, vs_uniform the
-ratio of medians.
+ratio of medians. (peak_rss_mb is the measuring parent's as much as the loader's: a child's peak RSS
+counts its parent's at exec time, as benchmarks/pack_bson.py notes.)
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def packed(work: Path, dump: Path, categories: Path) -> tuple[Path, float | None
 
 def features(pack: Path, work: Path, args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each split's (features, labels) from `trainer probe`'s feature cache, extracted the way the probe does
-    (trainer/probe.py's own steps, with its cache key) but without its LBFGS head, which takes over 15 minutes
-    on 1,000 classes here: the CLI's cache is reused and left reusable by it."""
+    (trainer/probe.py's own steps, with its cache key) but without its LBFGS head, which had not finished after
+    11 minutes on 1,000 classes here: the CLI's cache is reused and left reusable by it."""
     import torch
 
     from trainer.data import resolve_backend
@@ -117,7 +119,8 @@ def probe_row(pack: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
                                "--json", "--batch-size", str(PROBE_BATCH), "--workers", str(args.probe_workers)])
     found = json.loads(stdout)
     return {"name": "probe (LBFGS, uniform)", "top1": round(100 * found["test"]["top1"], 2),
-            "balanced_acc": round(100 * found["test"]["balanced_acc"], 2), "val_top1": round(100 * found["val"]["top1"], 2),
+            "balanced_acc": round(100 * found["test"]["balanced_acc"], 2),
+            "val_top1": round(100 * found["val"]["top1"], 2),
             "l2": found["l2"], "probe_s": round(seconds, 1)}
 
 

@@ -125,11 +125,13 @@ def synthesise(path: Path, classes: int, products: int, seed: int, categories_cs
     os.replace(tmp, path)
     return {"classes": classes, "products": len(rows), "pictures": pictures, "seed": seed, "zipf_exponent": EXPONENT,
             "products_per_class": {"max": counts[0], "min": counts[-1]}, "side": SIDE, "jpeg_quality": QUALITY,
-            "looks": len(LOOKS), "file_bytes": path.stat().st_size, "mean_picture_bytes": round(picture_bytes / pictures),
+            "looks": len(LOOKS), "file_bytes": path.stat().st_size,
+            "mean_picture_bytes": round(picture_bytes / pictures),
             "generation_s": round(time.perf_counter() - start, 1)}
 
 
-def cached_dump(work: Path, classes: int, products: int, seed: int, categories_csv: Path) -> tuple[Path, dict[str, Any]]:
+def cached_dump(work: Path, classes: int, products: int, seed: int,
+                categories_csv: Path) -> tuple[Path, dict[str, Any]]:
     """The dump for (classes, products, seed), made once; its sidecar json is written last."""
     stem = f"longtail-{classes}c-{products}p-seed{seed}"
     path, sidecar = work / f"{stem}.bson", work / f"{stem}.json"
