@@ -114,3 +114,32 @@ def test_serve_benchmark_measures_the_checkpoint_and_its_onnx_export(shapes_mode
     assert set(rows) == {"checkpoint", "onnx"}
     assert all(r["c1_p50_ms"] > 0 and r["c8_req_s"] > 0 and r["c1_p95_ms"] >= r["c1_p50_ms"] for r in rows.values())
     assert all(r["server_peak_mb"] > 100 for r in rows.values())  # the serving process was found and sampled
+
+
+def test_longtail_benchmark_compares_the_samplings_on_held_out_products(tmp_path: Path) -> None:
+    categories = tmp_path / "data" / "cdiscount" / "category_names.csv"
+    categories.parent.mkdir(parents=True)
+    categories.write_text("category_id,category_level1,category_level2,category_level3\n" +
+                          "".join(f"{1000 + i},L1 {i % 3},L2 {i % 5},L3 {i}\n" for i in range(30)))
+    results = tmp_path / "results"
+    done = run_module("benchmarks.longtail", "--quick", "--classes", "12", "--products", "150", "--model", "tiny_cnn",
+                      "--weights", "none", "--image-size", "32", "--head-epochs", "2", "--lrs", "0.001",
+                      "--probe-row", "--data", str(categories.parents[1]), "--work", str(tmp_path / "work"), "--json",
+                      results=results)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    rows = {r["name"]: r for r in printed["results"]}
+    assert list(rows) == ["uniform", "balanced", "sqrt", "probe (LBFGS, uniform)"]
+    for mode in ("uniform", "balanced", "sqrt"):
+        assert 0 <= rows[mode]["top1"] <= 100 and 0 <= rows[mode]["balanced_acc"] <= 100
+        ratio = round(rows[mode]["img_s"] / rows["uniform"]["img_s"], 3)
+        assert rows[mode]["img_s"] > 0 and rows[mode]["vs_uniform"] == ratio
+    # the project's draws reached the heads: balanced draws the tail more often than uniform
+    assert rows["balanced"]["tail_draws_pct"] > rows["uniform"]["tail_draws_pct"]
+    settings = printed["settings"]
+    assert settings["classes"] == 12 and settings["zipf_exponent"] == 1.0
+    assert settings["pictures"] == settings["head"]["train_pictures"] + sum(
+        json.loads((tmp_path / "work" / "longtail-12c-150p-seed0-pack" / "dataset.json").read_text())["splits"][s]
+        ["num_samples"] for s in ("val", "test"))
+    assert json.loads((results / "longtail.json").read_text())["results"] == printed["results"]
+    assert (results / "longtail.md").read_text().startswith("| name | top1 | balanced_acc |")
