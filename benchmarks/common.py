@@ -14,6 +14,7 @@ and results/<name>.md (the markdown table); benchmarks/report.py renders them al
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -334,6 +335,17 @@ def pack_args(name: str, real: Path) -> list[str]:
     raise ValueError(f"unknown dataset {name}")
 
 
+PICTURES_PER_PRODUCT = ([1, 2, 3, 4], [60, 20, 10, 10])  # synthetic Cdiscount dumps: pictures a product has, weights
+
+
+def read_categories(path: Path) -> list[int]:
+    """The category ids of a Cdiscount category_names.csv, in file order."""
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = csv.reader(file)
+        next(rows)  # header
+        return [int(row[0]) for row in rows]
+
+
 # ---- commands timed round by round (pack, pack_bson, dali_cpu_work) ----------------------------------------------
 
 
@@ -374,6 +386,7 @@ def measure_rounds(runs: list[tuple[str, Argv]], out: Path, images: int, repeats
 # ---- the loader rows' shared parts (loader, others: stdlib at the top, the other virtualenv imports this) --------
 
 LOADER_BATCH, LOADER_SIZE, LOADER_WORKERS = 64, 224, 2
+LOADER_MEAN, LOADER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, on a 0-1 scale
 
 
 def train_members(shards: Path) -> Iterator[tuple[str, bytes, int]]:

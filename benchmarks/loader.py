@@ -72,7 +72,9 @@ from typing import Any
 
 from benchmarks.common import (
     LOADER_BATCH,
+    LOADER_MEAN,
     LOADER_SIZE,
+    LOADER_STD,
     LOADER_WORKERS,
     add_ratio,
     copy_dir,
@@ -92,7 +94,7 @@ from benchmarks.common import (
 )
 
 BATCH, SIZE, WORKERS, BUFFER = LOADER_BATCH, LOADER_SIZE, LOADER_WORKERS, 1000
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = LOADER_MEAN, LOADER_STD
 ROWS = ("shardtool-torch", "shardtool-torch-whole-shards", "shardtool-torch-normalised", "shardtool-torch-http",
         "shardtool-torch-http-cache-cold", "shardtool-torch-http-cache-warm", "shardtool-dali", "imagefolder",
         "imagefolder-256", "webdataset-naive", "webdataset", "dali-files", "decode-ceiling", "decode-ceiling-pil",

@@ -8,8 +8,8 @@ category_names.csv, rank^-1 products per category, pictures that carry their cla
 real CLI: `shardtool pack DUMP OUT --categories category_names.csv --split val=0.1,test=0.2 --stratify
 --verify header` (a product's pictures share a split; stratified, so the tail reaches val and test too).
 Features: EfficientNet-Lite0 (ImageNet weights, frozen) pooled features of every split at --image-size 128,
-extracted once into --work as `trainer probe --image-size 128 --out DIR` extracts and caches them (its
-steps and cache key, without its LBFGS head, which had not finished after 11 minutes on 1,000 classes here;
+extracted once into --work as `trainer probe --image-size 128 --out DIR` extracts and caches them
+(trainer.probe.extract, without its LBFGS head, which had not finished after 11 minutes on 1,000 classes here;
 --probe-row adds that head as a reference row, running the CLI on the cache). Heads: per mode, a linear head
 on the standardised train features (Adam, HEAD_EPOCHS epochs of batches of HEAD_BATCH, cosine LR), each
 epoch's samples the draws the torch loader makes of the train shards (trainer.data.plan.worker_plan +
@@ -22,8 +22,8 @@ Loader: trainer.data.make_loader(LoaderSpec(..., sampling=make_sampling(mode)), 
 shards as `trainer fit` builds it (workers: trainer.config.default_workers), its uint8 host batches of 64
 RandomResizedCrop(128) + flip images (benchmarks.loader's shardtool-torch), one warm-up and one timed
 epoch per process, modes alternated round by round, --repeats rounds; img_s is the median, vs_uniform the
-ratio of medians. (peak_rss_mb is the measuring parent's as much as the loader's: a child's peak RSS
-counts its parent's at exec time, as benchmarks/pack_bson.py notes.)
+ratio of medians. No memory figure: a child's peak RSS counts its parent's at exec time (as
+benchmarks/pack_bson.py notes), and the parent holds every split's features.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -79,32 +78,14 @@ def packed(work: Path, dump: Path, categories: Path) -> tuple[Path, float | None
 
 def features(pack: Path, work: Path, args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each split's (features, labels) from `trainer probe`'s feature cache, extracted the way the probe does
-    (trainer/probe.py's own steps, with its cache key) but without its LBFGS head, which had not finished after
+    (trainer.probe.extract, with its cache key) but without its LBFGS head, which had not finished after
     11 minutes on 1,000 classes here: the CLI's cache is reused and left reusable by it."""
-    import torch
-
-    from trainer.data import resolve_backend
-    from trainer.dataset import open_dataset
-    from trainer.features import extract_all, load_cached
-    from trainer.fit import make_amp, resolve_device
-    from trainer.models import create_model
-    from trainer.probe import ProbeConfig, cache_key, eval_spec, preprocessing, split_roles
+    from trainer.probe import ProbeConfig, extract
 
     config = ProbeConfig(data=str(pack), out=str(probe_folder(pack, work, args)), model=args.model,
                          weights=args.weights, image_size=args.image_size, batch_size=PROBE_BATCH,
                          workers=args.probe_workers).validate()
-    dataset = open_dataset(config.data)
-    roles, device = split_roles(config, dataset), resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, len(dataset.classes), config.weights)
-    model.module.to(device).to(memory_format=torch.channels_last).eval()
-    amp, pre = make_amp(config.amp, device), preprocessing(model, config.image_size)
-    backend = resolve_backend(config.loader, str(device))
-    specs = {role: eval_spec(config, dataset, split, pre, device) for role, split in roles.items()}
-    key = cache_key(config, dataset, roles, specs, amp, backend)
-    found = load_cached(Path(config.out), key)
-    if found is None:
-        found = extract_all(model, specs, backend, amp, Path(config.out), key, lambda role, done, total: None)
+    found = extract(config).features
     return {role: (np.asarray(split.features), np.asarray(split.labels)) for role, split in found.items()}
 
 
@@ -129,7 +110,7 @@ def probe_row(pack: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
 
 def train_spec(pack: Path, mode: str, image_size: int) -> Any:
     """The training LoaderSpec `trainer fit --sampling MODE` builds for PACK (trainer/fit.py's loader_spec)."""
-    from benchmarks.loader import MEAN, STD
+    from benchmarks.common import LOADER_MEAN as MEAN, LOADER_STD as STD
     from trainer.config import default_workers
     from trainer.data import LoaderSpec
     from trainer.data.sampling import make_sampling, with_class_counts
@@ -277,7 +258,7 @@ def head_rows(pack: Path, splits: dict[str, tuple], args: argparse.Namespace) ->
 
 def loader_epoch(pack: Path, mode: str, image_size: int) -> float:
     """images/s of one timed epoch (after a warm-up) of the torch loader drawing by MODE (in this process)."""
-    from benchmarks.loader import time_epochs
+    from benchmarks.common import time_epochs
     from trainer.data import make_loader
 
     loader = make_loader(train_spec(pack, mode, image_size), "torch")
@@ -286,17 +267,16 @@ def loader_epoch(pack: Path, mode: str, image_size: int) -> float:
 
 
 def speed_rows(pack: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Each mode's img_s (min/median/max over --repeats processes, modes in turn) and peak RSS."""
-    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+    """Each mode's img_s (min/median/max over --repeats processes, modes in turn)."""
+    runs: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
             out = Path(tempfile.mkstemp(prefix="bench-longtail-", suffix=".json")[1])
-            _, rss = timed_run([sys.executable, "-m", "benchmarks.longtail", "--child", mode, "--pack", str(pack),
-                                "--image-size", str(args.image_size), "--child-out", str(out)],
-                               env={"PYTHONPATH": str(REPO)})
-            runs[mode].append((json.loads(out.read_text()), rss))
+            timed_run([sys.executable, "-m", "benchmarks.longtail", "--child", mode, "--pack", str(pack),
+                       "--image-size", str(args.image_size), "--child-out", str(out)], env={"PYTHONPATH": str(REPO)})
+            runs[mode].append(json.loads(out.read_text()))
             out.unlink()
-    speeds = {mode: row(mode, [r for r, _ in done], [m for _, m in done]) for mode, done in runs.items()}
+    speeds = {mode: row(mode, done) for mode, done in runs.items()}
     for found in speeds.values():
         found["vs_uniform"] = round(found["img_s"] / speeds["uniform"]["img_s"], 3)
     return speeds

@@ -31,7 +31,7 @@ import bson  # pymongo's
 import numpy as np
 from PIL import Image, ImageDraw
 
-from benchmarks.pack_bson import PICTURES_PER_PRODUCT, read_categories
+from benchmarks.common import PICTURES_PER_PRODUCT, read_categories
 
 SIDE, QUALITY, EXPONENT, CHUNK = 112, 80, 1.0, 1000  # CHUNK: products rendered per task
 HUES = [i / 8 for i in range(8)]

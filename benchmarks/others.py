@@ -70,6 +70,6 @@ def run_litdata(shards: Path, epochs: int) -> list[float]:
         litdata.optimize(fn=litdata_sample, inputs=items, output_dir=str(local), chunk_bytes="64MB", num_workers=1,
                          mode="overwrite")
     dataset = LitdataImages(str(local), shuffle=True, seed=0)
-    loader = litdata.StreamingDataLoader(dataset, batch_size=LOADER_BATCH, num_workers=LOADER_WORKERS, persistent_workers=True,
-                                         prefetch_factor=4)
+    loader = litdata.StreamingDataLoader(dataset, batch_size=LOADER_BATCH, num_workers=LOADER_WORKERS,
+                                         persistent_workers=True, prefetch_factor=4)
     return time_epochs(lambda e: images_of(loader), epochs, len(dataset))

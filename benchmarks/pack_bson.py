@@ -18,7 +18,6 @@ whole process tree's, workers included (common.timed_run).
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import multiprocessing
@@ -36,7 +35,17 @@ from typing import Any
 import bson  # pymongo's
 from PIL import Image
 
-from benchmarks.common import commit, measure, measure_rounds, real_data, rel, timed_run, write
+from benchmarks.common import (
+    PICTURES_PER_PRODUCT,
+    commit,
+    measure,
+    measure_rounds,
+    real_data,
+    read_categories,
+    rel,
+    timed_run,
+    write,
+)
 
 BARE_COPY = """
 import io, os, sys, tarfile
@@ -49,7 +58,6 @@ with open(sys.argv[1], "rb") as source, tarfile.open(os.path.join(sys.argv[2], "
             info.size = len(img["picture"])
             tar.addfile(info, io.BytesIO(img["picture"]))
 """
-PICTURES_PER_PRODUCT = ([1, 2, 3, 4], [60, 20, 10, 10])
 POOL, QUALITY, SIDE, CATEGORIES = 4000, 72, 180, 1000
 
 
@@ -74,13 +82,6 @@ def make_pool(data: Path, rng: random.Random) -> list[bytes]:
         photo_crop(rng.choice(photos), rng).save(buffer, "JPEG", quality=QUALITY)
         pool.append(buffer.getvalue())
     return pool
-
-
-def read_categories(path: Path) -> list[int]:
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = csv.reader(file)
-        next(rows)  # header
-        return [int(row[0]) for row in rows]
 
 
 def synthesise(path: Path, products: int, seed: int, data: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ TRAINER = {  # lowest first; docs/code.md walks the same layers
             "trainer.serve.protocol", "trainer.serve.local", "trainer.serve.batcher", "trainer.serve.app"],
     "cli": ["trainer.cli", "trainer.__main__"],
 }
-PARTS = ["benchmarks.gpu_measure", "benchmarks.others"]  # run only by gpu_check / loader, in their own processes
+PARTS = ["benchmarks.gpu_measure", "benchmarks.longtail_dump", "benchmarks.others"]  # of gpu_check, longtail, loader
 SCRIPTS = sorted(f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py")
                  if f"benchmarks.{p.stem}" not in ("benchmarks.__init__", "benchmarks.common", *PARTS))
 BENCHMARKS = {"helpers": ["benchmarks", "benchmarks.common"], "parts": PARTS, "scripts": SCRIPTS}

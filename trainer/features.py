@@ -1,6 +1,7 @@
 """Pooled features of a frozen backbone, extracted once per split into memory-mapped .npy files, reused.
 
-    shards -> eval loader (resize, centre crop, shard order, every sample once)
+    shards -> eval loader (resize, centre crop, every sample once, in the order its batches arrive: with
+              several workers batch i is worker i % workers', each worker reading its own shards in order)
            -> backbone (eval mode, no_grad, autocast) -> the head's input, caught by a forward pre-hook
            -> rows of FOLDER/<role>.features.npy (float32, N x D) and FOLDER/<role>.labels.npy (int64, N)
     FOLDER/features.json, written last: the cache key and the rows per split

@@ -68,9 +68,21 @@ class ProbeConfig:
         return dataclasses.asdict(self)
 
 
-def probe(config: ProbeConfig, progress: Progress = lambda role, done, total: None) -> dict[str, Any]:
-    """Features (cached or extracted), the chosen head, its top-1 per split; saves it with CONFIG.save."""
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Extracted:
+    """What the head is fitted on: each role's cached features, and where they came from."""
+
+    dataset: Dataset
+    roles: dict[str, str]  # role (train, val, test) -> split name
+    model: Model
+    preprocessing: Preprocessing
+    folder: Path
+    features: dict[str, SplitFeatures]  # by role; rows in the eval loader's batch order, labels beside them
+    cached: bool  # reused from FOLDER, not extracted
+
+
+def extract(config: ProbeConfig, progress: Progress = lambda role, done, total: None) -> Extracted:
+    """CONFIG's features, from the cache when its key matches, else extracted by the frozen backbone."""
     dataset = open_dataset(config.data)
     roles = split_roles(config, dataset)
     device = resolve_device(config.device)
@@ -81,21 +93,29 @@ def probe(config: ProbeConfig, progress: Progress = lambda role, done, total: No
     backend = resolve_backend(config.loader, str(device))
     folder = cache_folder(config, dataset)
     specs = {role: eval_spec(dataset, split, pre, config.batch_size, workers=config.workers, on_corrupt="fail",
-                               device=str(device)) for role, split in roles.items()}
+                             device=str(device)) for role, split in roles.items()}
     key = cache_key(config, dataset, roles, specs, amp, backend)
     features = load_cached(folder, key)
     cached = features is not None
     if features is None:
         features = extract_all(model, specs, backend, amp, folder, key, progress)
+    return Extracted(dataset, roles, model, pre, folder, features, cached)
+
+
+def probe(config: ProbeConfig, progress: Progress = lambda role, done, total: None) -> dict[str, Any]:
+    """Features (cached or extracted), the chosen head, its top-1 per split; saves it with CONFIG.save."""
+    start = time.perf_counter()
+    found = extract(config, progress)
+    dataset, features = found.dataset, found.features
     extracted = time.perf_counter()
     choice = choose_head(features["train"], features.get("val"), len(dataset.classes),
                          lambda: new_meter_for(dataset, torch.device("cpu")))
     results = {role: score(choice.head, Rows(split), new_meter_for(dataset, torch.device("cpu")))
                for role, split in features.items()}
-    summary = report(config, roles, folder, cached, features, choice, results)
+    summary = report(config, found.roles, found.folder, found.cached, features, choice, results)
     summary["seconds"] = {"features": extracted - start, "head": time.perf_counter() - extracted}
     if config.save:
-        save_probe(config, dataset, model, choice, pre, summary)
+        save_probe(config, dataset, found.model, choice, found.preprocessing, summary)
     summary["seconds"]["total"] = time.perf_counter() - start
     return summary
 
