@@ -25,7 +25,9 @@ TITLES = {"loader": "Loaders: images/s over the same images", "pack": "Packing c
           "decode": "The torch loader's decoder: candidates on the same bytes",
           "dali_parity": "--backend dali against --backend pil: pixel differences",
           "dedup": "Pictures with the same bytes in the real datasets (shardtool pack --dedup keep)",
-          "dali_cpu_work": "The DALI path's CPU work per image, and pack's process layout"}
+          "dali_cpu_work": "The DALI path's CPU work per image, and pack's process layout",
+          "longtail": "Long-tailed data: --sampling uniform, balanced, sqrt (accuracy and loader speed)",
+          "equivalence": "The trainer's outputs before and after a refactor"}
 FIGURES = {"memory": ("peak_rss_mb", "peak memory (MB)"), "serve": ("c8_req_s", "requests/s at concurrency 8"),
            "dali_parity": ("worst_difference", "worst mean |PIL - DALI| per channel")}  # what each panel charts; the rest: images/s
 
