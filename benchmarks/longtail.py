@@ -18,9 +18,10 @@ of the pictures; the LR is chosen on uniform by val top-1 from LRS and kept for 
 unweighted: top-1, balanced accuracy (the mean recall of the classes present in test) and top-1 on the test
 pictures of head (> 100 train pictures), medium (20-100) and tail (< 20) classes; tail_draws_pct is the share
 of an epoch's draws from tail classes.
-Loader: trainer.data.make_loader(LoaderSpec(..., sampling=make_sampling(mode)), "torch") over the train
-shards as `trainer fit` builds it (workers: trainer.config.default_workers), its uint8 host batches of 64
-RandomResizedCrop(128) + flip images (benchmarks.loader's shardtool-torch), one warm-up and one timed
+Loader: trainer.data.make_loader(spec, "torch") with the train spec `trainer fit --sampling MODE
+--image-size 128 --batch-size 64` builds (trainer.run.loader_spec: fit's default workers, crop scale and
+shuffle buffer), its uint8 host batches of RandomResizedCrop + flip images (as benchmarks.loader's
+shardtool-torch row takes them), one warm-up and one timed
 epoch per process, modes alternated round by round, --repeats rounds; img_s is the median, vs_uniform the
 ratio of medians. No memory figure: a child's peak RSS counts its parent's at exec time (as
 benchmarks/pack_bson.py notes), and the parent holds every split's features.
@@ -108,39 +109,30 @@ def probe_row(pack: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
 # ---- the project's draws, read from feature rows ------------------------------------------------------------
 
 
-def train_spec(pack: Path, mode: str, image_size: int) -> Any:
-    """The training LoaderSpec `trainer fit --sampling MODE` builds for PACK (trainer/fit.py's loader_spec)."""
-    from benchmarks.common import LOADER_MEAN as MEAN, LOADER_STD as STD
-    from trainer.config import default_workers
-    from trainer.data import LoaderSpec
-    from trainer.data.sampling import make_sampling, with_class_counts
+def train_spec(pack: Path, mode: str, args: argparse.Namespace) -> Any:
+    """The training LoaderSpec `trainer fit PACK --sampling MODE --image-size SIDE --batch-size 64` builds
+    (trainer.run.loader_spec, with the other settings at fit's defaults)."""
+    import torch
+
+    from trainer.config import FitConfig
     from trainer.dataset import open_dataset
+    from trainer.distributed import Dist
+    from trainer.models import create_model
+    from trainer.run import loader_spec
 
     dataset = open_dataset(str(pack))
-    shards = with_class_counts(tuple(dataset.shards("train")), mode)
-    return LoaderSpec(shards=shards, batch_size=BATCH, image_size=image_size, mean=MEAN, std=STD, train=True,
-                      num_classes=len(dataset.classes), workers=default_workers(),
-                      sampling=make_sampling(mode, shards, dataset.class_names))
+    config = FitConfig(data=str(pack), out=str(args.work / "fit"), model=args.model, sampling=mode,
+                       image_size=args.image_size, batch_size=BATCH)
+    model = create_model(args.model, len(dataset.classes), "none")  # its mean/std, as fit's spec has them
+    return loader_spec(config, dataset, model, Dist(), torch.device("cpu"), "train", True)
 
 
-def shard_labels(shard: Any) -> list[int]:
-    """A local shard's labels in sample order, from its .cls members at their .idx offsets."""
-    labels = []
-    with open(shard.index_url, encoding="utf-8") as index, open(shard.url, "rb") as tar:
-        index.readline()  # "v1.2 <samples>"
-        for line in index:
-            fields = line.split()
-            ext = fields[::4].index("cls")
-            tar.seek(int(fields[4 * ext + 1]))
-            labels.append(int(tar.read(int(fields[4 * ext + 2]))))
-    return labels
-
-
-def feature_rows(shards: tuple, labels: np.ndarray, workers: int) -> dict[Any, np.ndarray]:
-    """Each train shard's samples as rows of the probe's cache. The probe reads a split as eval does (plan.py):
-    each worker a contiguous range, batch i from worker i % workers, so rows are in batch order, not shard
-    order; replayed here and checked label by label against the shards."""
+def feature_rows(shards: tuple, labels: np.ndarray, workers: int) -> dict[str, np.ndarray]:
+    """Each train shard's samples as rows of the probe's cache, by shard URL. The probe reads a split as eval
+    does (plan.py): each worker a contiguous range, batch i from worker i % workers, so rows are in batch
+    order, not shard order; replayed here and checked label by label against the shards."""
     from trainer.data.plan import worker_plan
+    from trainer.data.sampling import read_labels
 
     offsets = dict(zip(shards, np.cumsum([0] + [s.num_samples for s in shards])))
     batches = []
@@ -150,16 +142,16 @@ def feature_rows(shards: tuple, labels: np.ndarray, workers: int) -> dict[Any, n
         order = np.concatenate([offsets[p.shard] + np.arange(p.start, p.stop) for p in plan.segments])
         batches.append([order[i:i + PROBE_BATCH] for i in range(0, len(order), PROBE_BATCH)])
     order = np.concatenate([b[i] for i in range(max(map(len, batches))) for b in batches if i < len(b)])
-    truth = np.array([label for shard in shards for label in shard_labels(shard)])
+    truth = np.array([label for shard in shards for label in read_labels(shard)])
     if len(order) != len(labels) or not np.array_equal(truth[order], labels):
         sys.exit("the probe's train features are not in the order its loader reads them (trainer/data/plan.py "
                  "changed?): cannot tie them to samples")
     row_of = np.empty(len(order), dtype=np.int64)
     row_of[order] = np.arange(len(order))
-    return {shard: row_of[offsets[shard]:offsets[shard] + shard.num_samples] for shard in shards}
+    return {shard.url: row_of[offsets[shard]:offsets[shard] + shard.num_samples] for shard in shards}
 
 
-def epoch_draws(spec: Any, rows_of: dict[Any, np.ndarray], labels: np.ndarray, epoch: int) -> np.ndarray:
+def epoch_draws(spec: Any, rows_of: dict[str, np.ndarray], labels: np.ndarray, epoch: int) -> np.ndarray:
     """The feature rows the torch loader draws in EPOCH of SPEC, repeats included (all its workers' shares)."""
     from trainer.data.draws import drawn
     from trainer.data.plan import Segment, worker_plan
@@ -168,7 +160,7 @@ def epoch_draws(spec: Any, rows_of: dict[Any, np.ndarray], labels: np.ndarray, e
         return np.arange(len(labels))
 
     def read(segment: Segment) -> Iterator[dict[str, Any]]:
-        for at in rows_of[segment.shard][segment.start:segment.stop]:
+        for at in rows_of[segment.shard.url][segment.start:segment.stop]:
             yield {"__key__": str(at), "cls": str(labels[at]).encode()}
 
     rows: list[int] = []
@@ -232,10 +224,10 @@ def head_rows(pack: Path, splits: dict[str, tuple], args: argparse.Namespace) ->
                for role, (x, y) in splits.items()}
     counts = np.bincount(yt, minlength=num_classes)
     tail = counts < GROUPS[2][2] + 1
+    specs = {mode: train_spec(pack, mode, args) for mode in MODES}
+    rows_of = feature_rows(specs["uniform"].shards, yt, args.probe_workers)  # the same shards under every mode
     draws = {}
-    for mode in MODES:
-        spec = train_spec(pack, mode, args.image_size)
-        rows_of = feature_rows(spec.shards, yt, args.probe_workers)
+    for mode, spec in specs.items():
         draws[mode] = [epoch_draws(spec, rows_of, yt, epoch) for epoch in range(args.head_epochs)]
     grid = {lr: scores(train_head(*tensors["train"], draws["uniform"], num_classes, lr), *tensors["val"], counts)
             for lr in args.lrs}
@@ -256,12 +248,12 @@ def head_rows(pack: Path, splits: dict[str, tuple], args: argparse.Namespace) ->
 # ---- the loader's speed, one process per epoch ---------------------------------------------------------------
 
 
-def loader_epoch(pack: Path, mode: str, image_size: int) -> float:
+def loader_epoch(pack: Path, mode: str, args: argparse.Namespace) -> float:
     """images/s of one timed epoch (after a warm-up) of the torch loader drawing by MODE (in this process)."""
     from benchmarks.common import time_epochs
     from trainer.data import make_loader
 
-    loader = make_loader(train_spec(pack, mode, image_size), "torch")
+    loader = make_loader(train_spec(pack, mode, args), "torch")
     host_batches: Callable[[int], Iterator[dict[str, Any]]] = loader.host_batches  # type: ignore[attr-defined]
     return time_epochs(lambda e: (raw["images"] for raw in host_batches(e)), 1, loader.num_samples)[0]
 
@@ -273,7 +265,8 @@ def speed_rows(pack: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]
         for mode in MODES:
             out = Path(tempfile.mkstemp(prefix="bench-longtail-", suffix=".json")[1])
             timed_run([sys.executable, "-m", "benchmarks.longtail", "--child", mode, "--pack", str(pack),
-                       "--image-size", str(args.image_size), "--child-out", str(out)], env={"PYTHONPATH": str(REPO)})
+                       "--image-size", str(args.image_size), "--model", args.model, "--work", str(args.work),
+                       "--child-out", str(out)], env={"PYTHONPATH": str(REPO)})
             runs[mode].append(json.loads(out.read_text()))
             out.unlink()
     speeds = {mode: row(mode, done) for mode, done in runs.items()}
@@ -320,7 +313,7 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     if args.child:
-        args.child_out.write_text(json.dumps(loader_epoch(args.pack, args.child, args.image_size)))
+        args.child_out.write_text(json.dumps(loader_epoch(args.pack, args.child, args)))
         return
     categories = args.data / "cdiscount" / "category_names.csv"
     if not categories.is_file():
@@ -342,7 +335,7 @@ def main() -> None:
                 "head": {"optimizer": "Adam", "epochs": args.head_epochs, "batch_size": HEAD_BATCH,
                          "schedule": "cosine to 0", "lr_grid": args.lrs, "lr_chosen_on": "uniform, val top-1",
                          **head_facts},
-                "loader": {"batch_size": BATCH, "workers": train_spec(pack, "uniform", args.image_size).workers,
+                "loader": {"batch_size": BATCH, "workers": args.probe_workers,
                            "repeats": args.repeats, "timed_epochs_per_process": 1, "warmup_epochs": 1},
                 "groups_by_train_pictures": {name: [lo, None if hi == math.inf else hi] for name, lo, hi in GROUPS},
                 "total_s": round(time.perf_counter() - start, 1)}

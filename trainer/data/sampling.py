@@ -205,19 +205,26 @@ def with_class_counts(shards: Sequence[Shard], mode: str) -> tuple[Shard, ...]:
 
 @functools.lru_cache(maxsize=None)
 def read_class_counts(shard: Shard) -> tuple[tuple[int, int], ...]:
-    """A local shard's (class, samples), from its .cls members read at their .idx offsets; a label that is no
-    class index is left out (the loader counts it as a bad sample)."""
-    counts: Counter[int] = Counter()
+    """A local shard's (class, samples), from its .cls members; a label that is no class index is left out
+    (the loader counts it as a bad sample)."""
+    return tuple(sorted(Counter(label for label in read_labels(shard) if label is not None).items()))
+
+
+def read_labels(shard: Shard) -> list[int | None]:
+    """A local shard's labels in sample order, from its .cls members read at their .idx offsets; None for a
+    sample without one or whose label is no class index."""
+    labels: list[int | None] = []
     with open(shard.index_url, encoding="utf-8") as index, open(shard.url, "rb") as tar:
         index.readline()
         for line in index:
-            fields = line.split()
+            fields, label = line.split(), None
             for ext, offset, size in zip(fields[::4], fields[1::4], fields[2::4]):
                 if ext == "cls":
                     tar.seek(int(offset))
                     text = tar.read(int(size)).strip()
-                    counts.update([int(text)] if text.isdigit() else [])
-    return tuple(sorted(counts.items()))
+                    label = int(text) if text.isdigit() else None
+            labels.append(label)
+    return labels
 
 
 def systematic(values: Sequence[float], offset: float, keys: Sequence[object] | None = None) -> list[int]:
