@@ -72,8 +72,8 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str]:
     def visit(node: str, path: list[str]) -> list[str]:
         state[node] = 1
         for nxt in sorted(edges.get(node, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if state.get(nxt) == 1:  # on the current path: the circle closes here
+                return path[path.index(nxt):] + [nxt]
             if nxt not in state and (found := visit(nxt, path + [nxt])):
                 return found
         state[node] = 2
